@@ -1,0 +1,157 @@
+"""Rows from the Hugging Face hub or from local files, both through `datasets.load_dataset(streaming=True)`.
+
+Only the location differs between the two: a hub id, or `data_files` in a local mirror. Streams are
+never materialized. This module also owns bad-input handling: a bad line or field raises a
+PocketLMError naming file and line, or, with `skip_bad=1`, is skipped and counted in the stats.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from pocketlm import PocketLMError
+from pocketlm.data.sources import DATA_DIR_ENV, LoadContext
+
+JSON_EXTS = (".jsonl", ".json", ".parquet")
+
+
+@dataclass
+class Row:
+    data: dict[str, Any]
+    origin: str  # a local file path or a hub id
+    index: int  # 0-based row number within origin
+    local: bool = False
+    line: int | None = None  # 1-based line in a local file, when known
+
+    def where(self) -> str:
+        if not self.local:
+            return f"{self.origin} row {self.index + 1}"
+        if self.line is None and self.origin.endswith(".jsonl"):
+            self.line = _record_line(Path(self.origin), self.index)
+        return f"{self.origin} line {self.line}" if self.line is not None else self.origin
+
+
+def _record_line(path: Path, index: int) -> int:
+    """Line number of the index-th record: pyarrow numbers rows skipping blank lines, so count the same way."""
+    seen = -1
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            seen += bool(line.strip())
+            if seen == index:
+                return lineno
+    raise PocketLMError(f"{path}: has fewer than {index + 1} records; the file changed while it was read")
+
+
+def reject(ctx: LoadContext, where: str, problem: str, reason: str) -> None:
+    """Raise for bad input, or count it under `reason` when skip_bad is on."""
+    if not ctx.skip_bad:
+        raise PocketLMError(f"{where}: {problem}; fix it, or pass --skip-bad (spec key skip_bad=1) to skip and count it")
+    ctx.stats.drop(reason)
+
+
+def get_str(ctx: LoadContext, row: Row, name: str) -> str | None:
+    """The string field `name` of a row, or None (rejected and counted) when missing or not a string."""
+    value = row.data.get(name)
+    if isinstance(value, str):
+        return value
+    problem = "is missing" if value is None else f"is {type(value).__name__}, expected a string"
+    reject(ctx, row.where(), f"field {name!r} {problem}", f"bad record: field {name!r} missing or not a string")
+    return None
+
+
+def data_files(root: Path, exts: tuple[str, ...], split: str | None) -> list[Path]:
+    """The data files under `root` (a file or a folder), sorted; `split=` keeps files whose name holds it."""
+    files = [root] if root.is_file() else sorted(
+        p for p in root.rglob("*") if p.is_file() and p.name.endswith(exts))
+    if split is not None and root.is_dir():
+        files = [p for p in files if split in p.name]
+    return files
+
+
+def local_files(ctx: LoadContext, exts: tuple[str, ...], mirror: str | None = None) -> list[Path] | None:
+    """Files named by `path=` or found in DATA_DIR/<mirror>/; None when neither applies (use the hub)."""
+    root = ctx.opt_path() or ctx.mirror(mirror)
+    if root is None:
+        return None
+    split = ctx.opt_str("split", None)
+    files = data_files(root, exts, split)
+    if not files:
+        which = f" whose name contains {split!r}" if split else ""
+        raise PocketLMError(f"{root}: no {'/'.join(exts)} files{which} for {ctx.info.name}; "
+                            "put the source's files there or fix path=/split=")
+    return files
+
+
+def hub_rows(ctx: LoadContext, split: str, name: str | None = None) -> Iterator[Row]:
+    """Stream a hub dataset. Offline, the hub raises ConnectionError: turn it into a one-line fix."""
+    import datasets
+
+    hub_id = ctx.info.hub_id
+    assert hub_id is not None, f"{ctx.info.name} has no hub dataset"
+    try:
+        ds = datasets.load_dataset(hub_id, name=name, split=split, streaming=True)
+        for i, data in enumerate(ds):
+            yield Row(data, hub_id, i)
+    except ConnectionError as e:
+        raise PocketLMError(
+            f"cannot reach the Hugging Face hub for {ctx.info.name} ({hub_id}: {str(e).splitlines()[0]}); "
+            f"pass --data-dir DIR (or set {DATA_DIR_ENV}) where DIR/{ctx.info.name}/ holds a local copy") from None
+
+
+def json_rows(ctx: LoadContext, files: list[Path]) -> Iterator[Row]:
+    """Stream local JSON-lines / JSON / Parquet files in the hub schema, one file at a time."""
+    import datasets
+    import pyarrow
+
+    # datasets logs its own multi-line error before raising; the line-precise message below replaces it.
+    logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
+    for f in files:
+        builder = "parquet" if f.suffix == ".parquet" else "json"
+        ds = datasets.load_dataset(builder, data_files=[str(f)], split="train", streaming=True)
+        n = 0
+        try:
+            for data in ds:
+                yield Row(data, str(f), n, local=True)
+                n += 1
+        except pyarrow.ArrowInvalid as e:
+            if f.suffix != ".jsonl":
+                raise PocketLMError(f"{f}: cannot be read as {builder} ({e}); fix or remove the file") from None
+            # pyarrow fails a whole block without a line number and cannot skip a line: finish the
+            # file line by line, after the n rows already given.
+            yield from _json_lines(ctx, f, skip=n)
+
+
+def _json_lines(ctx: LoadContext, path: Path, skip: int) -> Iterator[Row]:
+    good = 0
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError as e:
+                reject(ctx, f"{path} line {lineno}", f"malformed JSON ({e.msg} at column {e.colno})",
+                       "bad line: malformed JSON")
+                continue
+            if not isinstance(data, dict):
+                reject(ctx, f"{path} line {lineno}", f"expected a JSON object, got {type(data).__name__}",
+                       "bad line: not a JSON object")
+                continue
+            good += 1
+            if good > skip:
+                yield Row(data, str(path), good - 1, local=True, line=lineno)
+
+
+def text_rows(files: list[Path], by_document: bool, encoding: str = "utf-8-sig") -> Iterator[Row]:
+    """Stream local text files: one row per line, or one per file. `utf-8-sig` drops a leading BOM."""
+    import datasets
+
+    for f in files:
+        ds = datasets.load_dataset("text", data_files=[str(f)], split="train", streaming=True,
+                                   sample_by="document" if by_document else "line", encoding=encoding)
+        for i, data in enumerate(ds):
+            yield Row(data, str(f), i, local=True, line=None if by_document else i + 1)
