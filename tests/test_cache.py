@@ -18,6 +18,7 @@ from pocketlm import PocketLMError
 from pocketlm.cache.build_cache import build_cache, encode_records, val_split
 from pocketlm.cache.shards import Cache, ShardWriter, token_dtype
 from pocketlm.cli import main
+from pocketlm.format.pretrain import encode_document
 
 SPECS = [("fineweb_edu:take=40", "pretrain"), ("wikitext:take=300", "pretrain"),
          ("dolly:take=150", "sft"), ("oasst1:take=30", "sft")]
@@ -118,6 +119,22 @@ def test_chat_without_assistant_turn_is_dropped_and_counted(small_tokenizer):
     assert out[1].split == "train" and out[1].text_bytes == 8
     assert small_tokenizer.decode(out[1].ids) == "<|usr|>Hi<|eot|><|asst|>Hello!<|eot|>"
     assert small_tokenizer.decode(out[1].ids[out[1].mask == 1]) == "Hello!<|eot|>"
+
+
+def test_bulk_pretrain_encoding_matches_encode_document(small_tokenizer):
+    # The build encodes documents in bulk; each must get exactly encode_document's ids, including
+    # the tokenizer's own rules: a literal U+2581 as its bytes, special strings as plain text.
+    texts = ["Hello world", "\u2581", "a \u2581\u2581b\u2581", "<|eot|> is text <|usr|>", "",
+             "caf\u00e9 \U0001F600\n\tx"]
+    docs = [{"id": str(i), "text": t} for i, t in enumerate(texts)]
+    out = encode_records(small_tokenizer, "pretrain", "fineweb_edu", 0.0, "assistant", docs)
+    assert out[4] == "empty_text"
+    for text, r in zip(texts, out):
+        if text:
+            assert r.ids.tolist() == encode_document(small_tokenizer, text)
+            assert small_tokenizer.decode(r.ids[:-1]) == text
+            assert r.text_bytes == len(text.encode("utf-8"))
+    assert [small_tokenizer.id_to_bytes(int(i)) for i in out[1].ids[:-1]] == [b"\xe2", b"\x96", b"\x81"]
 
 
 def test_dtype_follows_vocab(tmp_path):

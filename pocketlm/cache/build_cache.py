@@ -1,21 +1,21 @@
 """`pocketlm cache build`: tokenize sources once into sharded token files plus meta.json.
 
-Documents are encoded in a process pool, in order, so the output does not depend on the number of
-workers; shards are flushed at a size cap, so memory stays bounded whatever the size of the data.
+Documents are encoded in chunks by a thread pool and written in input order, so the output does not
+depend on the number of workers; shards are flushed at a size cap, so memory stays bounded whatever
+the size of the data.
 Each document goes to the train or the val split by a hash of its id, the same in every build.
 The file layout and meta.json fields are specified in docs/CACHE.md (and `shards.py`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import itertools
-import multiprocessing
 import os
 import time
 from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, NamedTuple, Sequence
 
@@ -48,51 +48,49 @@ def val_split(source: str, doc_id: str, val_fraction: float) -> str:
 def encode_records(tok: Tokenizer, kind: str, source: str, val_fraction: float, sft_mask: str,
                    records: Sequence[dict]) -> list[Encoded | str]:
     """Encode records of one source; a dropped record becomes its drop reason."""
+    if kind == "pretrain":
+        return _encode_documents(tok, source, val_fraction, records)
     out: list[Encoded | str] = []
     for rec in records:
+        if not sft.has_assistant_turn(rec["messages"]):
+            out.append("no_assistant_turn")
+            continue
+        ids, labels = sft.encode_chat(tok, rec["messages"], mask=sft_mask)
+        mask = (np.asarray(labels) != sft.IGNORE_INDEX).astype(np.uint8)
+        n_bytes = sum(len(m["content"].encode("utf-8")) for m in rec["messages"])
         split = val_split(source, str(rec["id"]), val_fraction)
-        if kind == "pretrain":
-            if not rec["text"]:
-                out.append("empty_text")
-                continue
-            ids = np.asarray(pretrain.encode_document(tok, rec["text"]), dtype=np.uint32)
-            out.append(Encoded(split, ids, None, len(rec["text"].encode("utf-8"))))
-        else:
-            if not sft.has_assistant_turn(rec["messages"]):
-                out.append("no_assistant_turn")
-                continue
-            ids, labels = sft.encode_chat(tok, rec["messages"], mask=sft_mask)
-            mask = (np.asarray(labels) != sft.IGNORE_INDEX).astype(np.uint8)
-            n_bytes = sum(len(m["content"].encode("utf-8")) for m in rec["messages"])
-            out.append(Encoded(split, np.asarray(ids, dtype=np.uint32), mask, n_bytes))
+        out.append(Encoded(split, np.asarray(ids, dtype=np.uint32), mask, n_bytes))
     return out
 
 
-_worker_tok = None  # each pool process loads the tokenizer once, in its initializer
+def _encode_documents(tok: Tokenizer, source: str, val_fraction: float,
+                      records: Sequence[dict]) -> list[Encoded | str]:
+    """Pretrain records in one bulk encode: per-document calls would create a Python int per token."""
+    texts = [rec["text"] for rec in records if rec["text"]]
+    encoded = iter(pretrain.encode_documents(tok, texts))
+    out: list[Encoded | str] = []
+    for rec in records:
+        if not rec["text"]:
+            out.append("empty_text")
+            continue
+        split = val_split(source, str(rec["id"]), val_fraction)
+        out.append(Encoded(split, next(encoded), None, len(rec["text"].encode("utf-8"))))
+    return out
 
 
-def _init_worker(tokenizer_path: str) -> None:
-    global _worker_tok
-    _worker_tok = Tokenizer.load(tokenizer_path)
-
-
-def _encode_in_worker(job: tuple) -> list[Encoded | str]:
-    return encode_records(_worker_tok, *job)
-
-
-def ordered_map(pool, fn: Callable, jobs: Iterable, ahead: int) -> Iterator:
+def ordered_map(pool: ThreadPoolExecutor, fn: Callable, jobs: Iterable, ahead: int) -> Iterator:
     """fn over jobs in the pool, results in input order, at most `ahead` jobs in flight.
 
-    Pool.imap would be simpler but has no back-pressure: its feeder thread keeps the workers busy
-    and finished results pile up in memory without limit whenever writing falls behind.
+    Executor.map would be simpler but has no back-pressure: it submits every job at once, so the
+    whole source would be read and its results pile up in memory whenever writing falls behind.
     """
     pending: deque = deque()
     for job in jobs:
-        pending.append(pool.apply_async(fn, (job,)))
+        pending.append(pool.submit(fn, *job))
         if len(pending) >= ahead:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
     while pending:
-        yield pending.popleft().get()
+        yield pending.popleft().result()
 
 
 def chunks(it: Iterable, n: int) -> Iterator[list]:
@@ -166,15 +164,14 @@ def build_cache(tokenizer_path: str | Path, specs: Sequence[tuple[str, str]], ou
         "seed": seed, "val_fraction": val_fraction, "sft_mask": sft_mask, "shard_tokens": shard_tokens,
         "sources": {},
     }
-    pool = (multiprocessing.get_context().Pool(workers, _init_worker, (str(tokenizer_path),))
-            if workers > 1 else contextlib.nullcontext())
-    with pool:
+    # Threads, not processes: SentencePiece encodes with the GIL released, so the threads run on all
+    # cores while this one reads and writes, and no ids are pickled between processes.
+    with ThreadPoolExecutor(workers) as pool:
         for text, spec, kind in parsed:
             stats = SourceStats()
             records = open_source(spec, data_dir=data_dir, stats=stats)
-            jobs = ((kind, spec.name, val_fraction, sft_mask, c) for c in chunks(records, chunk_docs))
-            results = (ordered_map(pool, _encode_in_worker, jobs, ahead=2 * workers) if workers > 1
-                       else (encode_records(tok, *job) for job in jobs))
+            jobs = ((tok, kind, spec.name, val_fraction, sft_mask, c) for c in chunks(records, chunk_docs))
+            results = ordered_map(pool, encode_records, jobs, ahead=2 * workers)
             with tqdm(desc=f"{spec.name} ({kind})", unit="doc", disable=not progress) as bar:
                 src = _write_source(out_dir / spec.name, kind, dtype, shard_tokens, token_bytes, results, bar)
             src["spec"] = text

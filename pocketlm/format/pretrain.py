@@ -7,6 +7,8 @@ several documents; `window_positions` restarts RoPE positions and document ids a
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
 from pocketlm.tokenizer.tokenizer_sp import Tokenizer
@@ -15,6 +17,12 @@ from pocketlm.tokenizer.tokenizer_sp import Tokenizer
 def encode_document(tok: Tokenizer, text: str) -> list[int]:
     """The document's ids followed by the boundary token `<|eot|>`."""
     return tok.encode(text) + [tok.eot_id]
+
+
+def encode_documents(tok: Tokenizer, texts: Sequence[str]) -> list[np.ndarray]:
+    """`encode_document` of each text as an int32 array, encoded in bulk (`Tokenizer.encode_batch`)."""
+    eot = np.int32(tok.eot_id)
+    return [np.append(ids, eot) for ids in tok.encode_batch(texts)]
 
 
 def window_positions(x: np.ndarray, eot_id: int) -> tuple[np.ndarray, np.ndarray]:
