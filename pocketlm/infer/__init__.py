@@ -1,0 +1,1 @@
+"""Inference: sampling, KV-cache generation with per-step statistics, streaming detokenization, chat."""

@@ -1,0 +1,37 @@
+"""GenConfig: how to generate. Pure Python (no torch import), so the CLI can build flags from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pocketlm import PocketLMError
+
+
+@dataclass
+class GenConfig:
+    """How to generate. Batch size is always 1: one request, one sequence, one KV cache."""
+
+    max_new_tokens: int = field(default=256, metadata={"help": "stop with reason 'length' after this many"})
+    temperature: float = field(default=0.8, metadata={"help": "0 means greedy (argmax)"})
+    top_k: int = field(default=0, metadata={"help": "sample among the k most likely tokens; 0 = all"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass; 1.0 = off"})
+    seed: int | None = field(default=None, metadata={"help": "seed for sampling; None = nondeterministic"})
+    top_alternatives: int = field(default=5, metadata={"help": "alternatives recorded per step"})
+    logit_lens: bool = field(default=False, metadata={"help": "record top tokens of every layer's residual"})
+    lens_top: int = field(default=3, metadata={"help": "tokens recorded per layer by the logit lens"})
+    attn_entropy: bool = field(default=False, metadata={"help": "record attention entropy per head"})
+
+    def validate(self) -> None:
+        """Raise PocketLMError naming the field at fault."""
+        if self.max_new_tokens < 1:
+            raise PocketLMError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise PocketLMError(f"temperature must be in [0, 100], got {self.temperature}")
+        if self.top_k < 0:
+            raise PocketLMError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise PocketLMError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.top_alternatives <= 50:
+            raise PocketLMError(f"top_alternatives must be in [0, 50], got {self.top_alternatives}")
+        if not 1 <= self.lens_top <= 20:
+            raise PocketLMError(f"lens_top must be in [1, 20], got {self.lens_top}")

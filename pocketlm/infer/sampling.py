@@ -1,0 +1,67 @@
+"""Choosing the next token from a row of logits, and the per-step statistics the inspector shows.
+
+`GenConfig` (in `infer/config.py`, torch-free for the CLI) is re-exported here.
+
+Pure tensor functions: no model, no tokenizer, no host syncs. Everything stays on the logits'
+device so the decode loop can fetch all of a step's numbers in one transfer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pocketlm.infer.config import GenConfig
+
+
+def filtered_logits(logits: torch.Tensor, cfg: GenConfig) -> torch.Tensor:
+    """Apply temperature, top-k and top-p to fp32 logits [V]; excluded tokens become -inf.
+
+    Only called when temperature > 0 (greedy never looks at this).
+    """
+    x = logits / cfg.temperature
+    if 0 < cfg.top_k < x.shape[-1]:
+        kth = torch.topk(x, cfg.top_k).values[-1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_x, order = torch.sort(x, descending=True)
+        probs = torch.softmax(sorted_x, dim=-1)
+        # Mass strictly before each token: the most likely token is always kept, so the set is never empty.
+        before = torch.cumsum(probs, dim=-1) - probs
+        drop_sorted = before >= cfg.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        x = x.masked_fill(drop, float("-inf"))
+    return x
+
+
+def sample_next(logits: torch.Tensor, cfg: GenConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """The chosen token id as a 0-d int64 tensor on the logits' device (no host sync here)."""
+    if cfg.temperature == 0.0:
+        return torch.argmax(logits, dim=-1)
+    probs = torch.softmax(filtered_logits(logits, cfg), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[0]
+
+
+def step_stats(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> torch.Tensor:
+    """[chosen id, logprob(chosen), entropy, top-k logprobs..., top-k ids...] as one fp32 vector.
+
+    One vector so the decode loop pays one device->host transfer per step. Ids are exact in fp32
+    (vocabularies are far below 2**24). Numbers come from the model's own distribution (temperature 1,
+    no top-k/top-p), so they describe the model rather than the sampling settings; entropy is over the
+    full vocabulary, in nats. The raw logits are finite, so p * log p never meets -inf.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    parts = [chosen.float().reshape(1), logp[chosen].reshape(1), entropy.reshape(1)]
+    if k > 0:
+        top = torch.topk(logp, k)
+        parts += [top.values, top.indices.float()]
+    return torch.cat(parts)
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    """A per-request generator, so concurrent requests never share (or disturb) random state."""
+    if seed is None:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g

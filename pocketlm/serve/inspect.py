@@ -1,0 +1,115 @@
+"""`POST /api/inspect`: the step-by-step stream of a generation, as named SSE events.
+
+Events `prefill`, `token` (one per new token), `done`, `error`; the schema (version `SCHEMA`) is
+documented in docs/INSPECTOR.md. `POST /api/inspect/{id}/cancel` stops a generation from another
+connection (the page's stop button); closing the stream stops it too.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from sse_starlette import EventSourceResponse
+
+from pocketlm.infer.generate import Generation, Step
+from pocketlm.infer.sampling import GenConfig
+from pocketlm.serve.prompt import Message, RequestError, chat_prompt, check_max_tokens, check_prompt_length
+from pocketlm.serve.tokens import TokenTable
+
+SCHEMA = 1
+router = APIRouter()
+log = logging.getLogger("pocketlm.serve")
+
+
+class InspectRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # our own API: a misspelt option is an error, not ignored
+
+    messages: list[Message] | None = Field(default=None, min_length=1)
+    prompt: str | None = Field(default=None, min_length=1)  # raw text to continue, no chat template
+    max_tokens: int = Field(default=256, ge=1)
+    temperature: float = Field(default=0.8, ge=0.0, le=2.0)
+    top_k: int = Field(default=0, ge=0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    top_alternatives: int = Field(default=5, ge=0, le=20)
+    logit_lens: bool = False
+    lens_top: int = Field(default=3, ge=1, le=10)
+    attn_entropy: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> InspectRequest:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give exactly one of 'messages' (a chat) or 'prompt' (text to continue)")
+        return self
+
+
+def _event(name: str, data: dict) -> dict:
+    # allow_nan=False: a NaN or inf that slipped through fails loudly instead of writing invalid JSON.
+    return {"event": name, "data": json.dumps({"v": SCHEMA, **data}, allow_nan=False)}
+
+
+def token_event(step: Step, table: TokenTable) -> dict:
+    data = {**table.entry(step.id, step.logprob), "index": step.index, "text": step.text,
+            "entropy": step.entropy, "top": [table.entry(i, lp) for i, lp in step.top],
+            "cache_len": step.cache_len, "cache_bytes": step.cache_bytes, "ms": step.ms}
+    if step.lens is not None:
+        data["lens"] = [[{"id": i, "token": table.labels[i], "prob": p} for i, p in layer] for layer in step.lens]
+    if step.attn_entropy is not None:
+        data["attn_entropy"] = step.attn_entropy
+    return data
+
+
+def done_event(gen: Generation, text: str) -> dict:
+    return {"finish_reason": gen.finish_reason, "new_tokens": gen.n_tokens, "prefill_ms": gen.prefill.ms,
+            "decode_ms": gen.decode_ms, "decode_tok_s": gen.decode_tok_s, "text": text}
+
+
+@router.post("/api/inspect")
+async def inspect(body: InspectRequest, request: Request) -> EventSourceResponse:
+    state = request.app.state
+    context = state.model.cfg.block_size
+    if body.messages is not None:
+        prompt = chat_prompt(state.tok, body.messages, context)
+    else:
+        prompt = state.tok.encode(body.prompt)
+        check_prompt_length(len(prompt), "prompt", context)
+    check_max_tokens(body.max_tokens, "max_tokens", context)
+    if state.engine.busy:
+        raise RequestError(429, f"{state.engine.max_active} generations are running; retry shortly")
+    cfg = GenConfig(max_new_tokens=body.max_tokens, temperature=body.temperature, top_k=body.top_k,
+                    top_p=body.top_p, seed=body.seed, top_alternatives=body.top_alternatives,
+                    logit_lens=body.logit_lens, lens_top=body.lens_top, attn_entropy=body.attn_entropy)
+    job = state.engine.start(prompt, cfg)
+    table: TokenTable = state.tokens
+
+    async def events():
+        text = []
+        try:
+            async for step in state.engine.steps(job):
+                if step.index == 0:
+                    p = job.gen.prefill
+                    yield _event("prefill", {
+                        "request_id": job.id, "n_tokens": p.n_tokens, "ms": p.ms, "cache_len": p.cache_len,
+                        "cache_bytes": p.cache_bytes, "context": context,
+                        "tokens": [{"id": i, "token": table.labels[i], "bytes": list(table.bytes[i])} for i in prompt]})
+                text.append(step.text)
+                yield _event("token", token_event(step, table))
+        except Exception as e:  # reported to the client as an `error` event, and logged in full
+            log.exception("generation %s failed", job.id)
+            yield _event("error", {"message": f"{type(e).__name__}: {e}"})
+            return
+        yield _event("done", done_event(job.gen, "".join(text)))
+
+    return EventSourceResponse(events(), ping=15)
+
+
+@router.post("/api/inspect/{job_id}/cancel")
+async def cancel(job_id: str, request: Request) -> dict:
+    job = request.app.state.engine.jobs.get(job_id)
+    if job is None:
+        raise RequestError(404, f"no running generation {job_id!r} (it may have finished already)", "job_id")
+    job.cancel.set()
+    return {"id": job_id, "cancelled": True}

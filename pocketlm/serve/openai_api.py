@@ -1,0 +1,125 @@
+"""`POST /v1/chat/completions` and `GET /v1/models`, shaped exactly like the OpenAI API.
+
+So the official `openai` client works unchanged. Generation ends on the `<|eot|>` id
+(`finish_reason: "stop"`) or at `max_tokens` / the context end (`"length"`); the eot token itself is
+never part of the content or the logprobs. Logprobs are the model's own (temperature 1, before top-p),
+in nats, clamped at -9999.0 (JSON has no -inf).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Literal
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from sse_starlette import EventSourceResponse
+
+from pocketlm.infer.generate import Step
+from pocketlm.infer.sampling import GenConfig
+from pocketlm.serve.prompt import Message, RequestError, chat_prompt, check_max_tokens
+
+router = APIRouter()
+# A generation is only cancelled when its client went away, so no client ever reads "cancelled".
+FINISH = {"eot": "stop", "length": "length", "cancelled": "stop"}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    # OpenAI clients send fields this server has no use for (user, metadata, ...): ignore them.
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    n: Literal[1] = 1
+    stop: str | list[str] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _no_stop_strings(cls, v: str | list[str] | None) -> None:
+        # Text stop strings would need substring matching; the model ends its turn with <|eot|> instead.
+        if v:
+            raise ValueError("stop sequences are not supported: generation stops at the <|eot|> token")
+        return None
+
+
+def _model_id(request: Request) -> str:
+    return request.app.state.model_id
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict:
+    return {"object": "list", "data": [{"id": _model_id(request), "object": "model", "created": 0,
+                                        "owned_by": "pocketlm"}]}
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    state = request.app.state
+    prompt = chat_prompt(state.tok, body.messages, state.model.cfg.block_size)
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+    check_max_tokens(max_tokens, field, state.model.cfg.block_size)
+    if state.engine.busy:
+        raise RequestError(429, f"{state.engine.max_active} generations are running; retry shortly")
+    cfg = GenConfig(max_new_tokens=max_tokens or state.model.cfg.block_size, temperature=body.temperature,
+                    top_p=body.top_p, seed=body.seed, top_alternatives=body.top_logprobs or 0)
+    job = state.engine.start(prompt, cfg)
+    head = {"id": f"chatcmpl-{job.id}", "created": int(time.time()), "model": body.model or _model_id(request),
+            "system_fingerprint": None}
+    table = state.tokens
+
+    def openai_entry(token_id: int, logprob: float) -> dict:
+        e = table.entry(token_id, logprob)
+        return {"token": e["token"], "logprob": e["logprob"], "bytes": e["bytes"]}
+
+    def logprobs(step: Step) -> dict:
+        return {**openai_entry(step.id, step.logprob),
+                "top_logprobs": [openai_entry(i, lp) for i, lp in step.top]}
+
+    def usage(n: int) -> dict:
+        return {"prompt_tokens": len(prompt), "completion_tokens": n, "total_tokens": len(prompt) + n}
+
+    def visible(step: Step) -> bool:
+        return step.id != state.tok.eot_id
+
+    if not body.stream:
+        steps = [s async for s in state.engine.steps(job)]
+        shown = [s for s in steps if visible(s)]
+        choice = {"index": 0, "message": {"role": "assistant", "content": "".join(s.text for s in shown)},
+                  "logprobs": {"content": [logprobs(s) for s in shown]} if body.logprobs else None,
+                  "finish_reason": FINISH[job.gen.finish_reason]}
+        return {**head, "object": "chat.completion", "choices": [choice], "usage": usage(len(steps))}
+
+    def chunk(delta: dict, finish: str | None = None, lp: dict | None = None) -> dict:
+        choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}
+        return {"data": json.dumps({**head, "object": "chat.completion.chunk", "choices": [choice]},
+                                   allow_nan=False)}
+
+    async def events():
+        yield chunk({"role": "assistant", "content": ""})
+        n = 0
+        async for step in state.engine.steps(job):
+            n += 1
+            if visible(step):
+                yield chunk({"content": step.text}, lp={"content": [logprobs(step)]} if body.logprobs else None)
+        yield chunk({}, FINISH[job.gen.finish_reason])
+        if body.stream_options and body.stream_options.include_usage:
+            yield {"data": json.dumps({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(n)})}
+        yield {"data": "[DONE]"}
+
+    return EventSourceResponse(events(), ping=15)
+

@@ -1,0 +1,61 @@
+"""The pure sampling functions, on hand-made logits with known answers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pocketlm import PocketLMError
+from pocketlm.infer.sampling import GenConfig, filtered_logits, make_generator, sample_next, step_stats
+
+LOGITS = torch.tensor([1.0, 2.0, 3.0, 4.0])  # softmax ≈ [0.032, 0.087, 0.237, 0.644]
+NEG = float("-inf")
+
+
+def test_greedy_is_argmax():
+    assert int(sample_next(LOGITS, GenConfig(temperature=0.0), None)) == 3
+
+
+def test_top_k_keeps_the_k_largest():
+    assert filtered_logits(LOGITS, GenConfig(temperature=1.0, top_k=2)).tolist() == [NEG, NEG, 3.0, 4.0]
+
+
+@pytest.mark.parametrize("top_p, kept", [(0.5, [3]), (0.7, [2, 3]), (0.9, [1, 2, 3]), (1.0, [0, 1, 2, 3])])
+def test_top_p_keeps_the_smallest_set_reaching_p(top_p, kept):
+    out = filtered_logits(LOGITS, GenConfig(temperature=1.0, top_p=top_p))
+    assert [i for i, v in enumerate(out.tolist()) if v != NEG] == kept
+
+
+def test_temperature_scales_logits():
+    assert filtered_logits(LOGITS, GenConfig(temperature=0.5)).tolist() == [2.0, 4.0, 6.0, 8.0]
+
+
+def test_seeded_sampling_matches_the_distribution():
+    cfg = GenConfig(temperature=1.0)
+    g = make_generator(0, torch.device("cpu"))
+    counts = torch.bincount(torch.stack([sample_next(LOGITS, cfg, g) for _ in range(4000)]), minlength=4)
+    assert (counts / 4000).tolist() == pytest.approx(torch.softmax(LOGITS, 0).tolist(), abs=0.03)
+    g1, g2 = make_generator(5, torch.device("cpu")), make_generator(5, torch.device("cpu"))
+    assert [int(sample_next(LOGITS, cfg, g1)) for _ in range(20)] == [int(sample_next(LOGITS, cfg, g2)) for _ in range(20)]
+
+
+def test_step_stats_values():
+    out = step_stats(LOGITS, torch.tensor(2), k=2).tolist()
+    logp = torch.log_softmax(LOGITS, 0)
+    entropy = -float((logp.exp() * logp).sum())
+    assert out[0] == 2.0
+    assert out[1] == pytest.approx(float(logp[2]))
+    assert out[2] == pytest.approx(entropy)
+    assert out[3:5] == pytest.approx([float(logp[3]), float(logp[2])])
+    assert out[5:7] == [3.0, 2.0]
+    uniform = step_stats(torch.zeros(1000), torch.tensor(0), k=0).tolist()
+    assert uniform[2] == pytest.approx(math.log(1000), rel=1e-6)
+
+
+@pytest.mark.parametrize("field, value", [("max_new_tokens", 0), ("temperature", -1.0), ("top_k", -2),
+                                          ("top_p", 0.0), ("top_p", 1.5)])
+def test_validate_names_the_field(field, value):
+    with pytest.raises(PocketLMError, match=field):
+        GenConfig(**{field: value}).validate()
