@@ -64,6 +64,14 @@ def mixture_weights(weights: Mapping[str, float], usable: Sequence[str], what: s
     return {k: w / total for k, w in kept.items()}
 
 
+def mixture_picks(rng: np.random.Generator, mixture: Mapping[str, float], batch_size: int,
+                  n_choices: Mapping[str, int]) -> list[tuple[str, int]]:
+    """One (source, index) per row: the source drawn by mixture weight, then an index below n_choices."""
+    names = list(mixture)
+    chosen = rng.choice(len(names), size=batch_size, p=list(mixture.values()))
+    return [(names[k], int(rng.integers(0, n_choices[names[k]]))) for k in chosen]
+
+
 def interleave(sizes: Mapping[str, int]) -> list[tuple[str, int]]:
     """Every (source, i < size), ordered so that all sources advance at the same relative pace."""
     items = [(i / n, name, i) for name, n in sizes.items() for i in range(n)]
@@ -109,12 +117,8 @@ class PretrainData:
 
     def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1) -> Batch:
         _check_rank(rank, world)
-        rng = step_rng(self.seed, step, rank)
-        names = list(self.mixture)
-        chosen = rng.choice(len(names), size=batch_size, p=list(self.mixture.values()))
-        picks = [(names[k], int(rng.integers(0, self.streams[names[k]].n_tokens - self.block_size)))
-                 for k in chosen]
-        return self._rows(picks)
+        return self._rows(mixture_picks(step_rng(self.seed, step, rank), self.mixture, batch_size,
+                                        {n: s.n_tokens - self.block_size for n, s in self.streams.items()}))
 
     def val_batches(self, batch_size: int, max_batches: int | None = None) -> Iterator[Batch]:
         """Non-overlapping windows covering each source's stream, the sources interleaved; the same
@@ -194,10 +198,8 @@ class SFTData:
 
     def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1) -> Batch:
         _check_rank(rank, world)
-        rng = step_rng(self.seed, step, rank)
-        names = list(self.mixture)
-        chosen = rng.choice(len(names), size=batch_size, p=list(self.mixture.values()))
-        return self._rows([(names[k], int(rng.integers(0, self.n_rows(names[k])))) for k in chosen])
+        return self._rows(mixture_picks(step_rng(self.seed, step, rank), self.mixture, batch_size,
+                                        {n: self.n_rows(n) for n in self.packed}))
 
     def val_batches(self, batch_size: int, max_batches: int | None = None) -> Iterator[Batch]:
         """Every packed row once, the sources interleaved; the last batch may be smaller."""
