@@ -1,5 +1,113 @@
-"""CLI for the train stage (filled in by its issue)."""
+"""CLI of the train stage: `pocketlm train`, `eval`, `plan`, `plot` and `quickstart`."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from pocketlm import PocketLMError
+from pocketlm.config import add_dataclass_args, load_toml, resolve
+from pocketlm.model.config import GPTConfig
+from pocketlm.train.config import TrainConfig
+
+TOML_TABLES = ("train", "model")
 
 
-def register(sub) -> None:
-    pass
+def read_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any]]:
+    """TrainConfig and the model-shape overrides: dataclass defaults <- --config TOML <- flags."""
+    data = load_toml(args.config) if args.config else {}
+    unknown = sorted(set(data) - set(TOML_TABLES))
+    if unknown:
+        raise PocketLMError(f"{args.config}: unknown table(s) {', '.join(unknown)}; use [train] and [model]")
+    where = args.config or "flags"
+    cfg = resolve(TrainConfig, args, data.get("train", {}), where=f"{where} [train]")
+    model = dict(data.get("model", {}))
+    names = {f for f in GPTConfig.__dataclass_fields__}
+    bad = sorted(set(model) - names)
+    if bad:
+        raise PocketLMError(f"{where} [model]: unknown key(s) {', '.join(bad)}; valid: {', '.join(sorted(names))}")
+    for name in names:
+        value = getattr(args, f"model_{name}", None)
+        if value is not None:
+            model[name] = value
+    return cfg, model
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pocketlm.train.run import train
+
+    if args.phase and args.pipeline:
+        raise PocketLMError("give --phase or --pipeline, not both")
+    cfg, model = read_config(args)
+    best = train(cfg, model, args.phase or args.pipeline or "pretrain_then_sft", args.resume, args.init)
+    print(f"best checkpoint: {best}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from pocketlm.train.evaluate import eval_checkpoint
+
+    for source, r in eval_checkpoint(args.ckpt, args.cache, args.batches, args.batch_size, args.device).items():
+        print(f"{source:>12}  loss {r.loss:.4f}  bpb {r.bpb:.4f}  ({r.tokens:,} tokens)")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from pocketlm.train.plan import plan_cli
+
+    cfg, model = read_config(args)
+    return plan_cli(cfg, model, args.device, args.memory, args.batch_tokens, args.write)
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from pocketlm.train.plot import plot_run
+
+    for path in plot_run(args.run):
+        print(path)
+    return 0
+
+
+def _quickstart(args: argparse.Namespace) -> int:
+    from pocketlm.train.quickstart import quickstart
+
+    return quickstart(args.out, args.data_dir, args.steps, args.device)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="pretrain and/or fine-tune a model from a token cache")
+    p.add_argument("--config", help="TOML file with [train] and [model] tables (e.g. configs/m4_16gb.toml)")
+    p.add_argument("--phase", choices=("pretrain", "sft"), help="run one phase")
+    p.add_argument("--pipeline", choices=("pretrain_then_sft",), help="run both phases (the default)")
+    p.add_argument("--resume", action="store_true", help="continue each phase from its last/ checkpoint")
+    p.add_argument("--init", help="model folder SFT starts from (default: runs/NAME/pretrain/best)")
+    add_dataclass_args(p, TrainConfig)
+    add_dataclass_args(p, GPTConfig, prefix="model-")
+    p.set_defaults(handler=_train)
+
+    p = sub.add_parser("eval", help="validation loss and bits per byte of a checkpoint, per cache source")
+    p.add_argument("--ckpt", required=True, help="model folder (e.g. runs/NAME/sft/best)")
+    p.add_argument("--cache", required=True, help="token cache folder")
+    p.add_argument("--batches", type=int, default=50, help="validation batches per source")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per batch")
+    p.add_argument("--device", default="auto", help="auto | cuda | mps | cpu")
+    p.set_defaults(handler=_eval)
+
+    p = sub.add_parser("plan", help="pick micro_batch / accum_steps / checkpointing for a memory budget")
+    p.add_argument("--config", help="TOML with [train] and [model] tables to plan for")
+    p.add_argument("--device", default="mps", choices=("mps", "cuda", "cpu"), help="device to plan for")
+    p.add_argument("--memory", default="16GB", help="device (unified) memory, e.g. 16GB, 80GB")
+    p.add_argument("--batch-tokens", type=int, default=65536, help="target tokens per optimizer step")
+    p.add_argument("--write", help="write the planned config as TOML to this path")
+    add_dataclass_args(p, GPTConfig, prefix="model-")
+    p.set_defaults(handler=_plan)
+
+    p = sub.add_parser("plot", help="loss and bits-per-byte curves of a run as PNG files")
+    p.add_argument("run", help="run folder (runs/NAME)")
+    p.set_defaults(handler=_plot)
+
+    p = sub.add_parser("quickstart", help="the whole pipeline at a small scale, offline, in minutes")
+    p.add_argument("--out", default="runs/quickstart", help="folder for tokenizer, cache and run")
+    p.add_argument("--data-dir", help="local data mirror: use the real datasets instead of the embedded text")
+    p.add_argument("--steps", type=int, help="optimizer steps per phase (default: configs/quickstart.toml)")
+    p.add_argument("--device", default="auto", help="auto | cuda | mps | cpu")
+    p.set_defaults(handler=_quickstart)

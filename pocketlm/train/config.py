@@ -1,0 +1,57 @@
+"""TrainConfig: every knob of a training run, with the defaults of the real recipe.
+
+Defaults live only here. `pocketlm train --config FILE.toml` overrides them from the file's `[train]`
+table (and the model shape from `[model]`), and flags override the file. The resolved config is saved
+as `runs/NAME/config.json`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class TrainConfig:
+    # run and data
+    name: str = field(default="default", metadata={"help": "run folder name under runs_dir"})
+    runs_dir: str = field(default="runs", metadata={"help": "where run folders live"})
+    cache: str = field(default="cache/default", metadata={"help": "token cache dir from `pocketlm cache build`"})
+    pretrain_mix: tuple[str, ...] = field(default=("fineweb_edu=0.95", "roam=0.05"),
+                                          metadata={"help": "pretrain sources as SOURCE=WEIGHT"})
+    eval_sources: tuple[str, ...] = field(default=("wikitext",),
+                                          metadata={"help": "extra sources evaluated, never trained on"})
+    sft_sources: tuple[str, ...] = field(default=("dolly", "oasst1", "primer"), metadata={"help": "SFT sources"})
+    model: str = field(default="v1", metadata={"help": "model preset (v1 | tiny); TOML [model] overrides fields"})
+    # batch: each optimizer step sees micro_batch * accum_steps * world rows of seq_len tokens
+    seq_len: int = field(default=1024, metadata={"help": "tokens per row"})
+    micro_batch: int = field(default=8, metadata={"help": "rows per forward/backward"})
+    accum_steps: int = field(default=8, metadata={"help": "micro-batches accumulated per optimizer step"})
+    # optimization
+    pretrain_steps: int = field(default=5000, metadata={"help": "optimizer steps of the pretrain phase"})
+    sft_steps: int = field(default=1000, metadata={"help": "optimizer steps of the SFT phase"})
+    lr: float = field(default=3e-3, metadata={"help": "peak learning rate (pretrain)"})
+    sft_lr: float = field(default=3e-4, metadata={"help": "peak learning rate (SFT)"})
+    min_lr_frac: float = field(default=0.1, metadata={"help": "final LR as a fraction of the peak"})
+    warmup_steps: int = field(default=200, metadata={"help": "linear warmup steps"})
+    schedule: str = field(default="cosine", metadata={"help": "cosine | wsd (warmup-stable-decay)"})
+    decay_frac: float = field(default=0.2, metadata={"help": "wsd: share of steps spent decaying"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay on matrices (not norms/embeddings)"})
+    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (beta1 is 0.9)"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm; 0 disables"})
+    # evaluation, logging, checkpoints
+    eval_every: int = field(default=250, metadata={"help": "steps between evaluations (and best/last saves)"})
+    eval_batches: int = field(default=20, metadata={"help": "validation batches per source"})
+    log_every: int = field(default=10, metadata={"help": "steps between metrics lines (each one syncs the device)"})
+    sample_tokens: int = field(default=48, metadata={"help": "greedy tokens per sample prompt at each eval; 0 = none"})
+    # hardware
+    device: str = field(default="auto", metadata={"help": "auto (cuda > mps > cpu) | cuda | mps | cpu"})
+    precision: str = field(default="auto", metadata={"help": "auto | fp32 | bf16 | fp16"})
+    compile: bool | None = field(default=None, metadata={"help": "torch.compile; unset: on for CUDA only"})
+    checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing per block"})
+    seed: int = field(default=0, metadata={"help": "model init and data order"})
+
+
+def config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as JSON-ready values (tuples become lists), for config.json and checkpoints."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()}

@@ -1,0 +1,105 @@
+"""Process groups and model wrapping: activation checkpointing, torch.compile, DistributedDataParallel.
+
+`torchrun --nproc_per_node N -m pocketlm train ...` sets RANK/WORLD_SIZE/LOCAL_RANK; then each rank
+trains on its own data stream (NCCL on CUDA, gloo on CPU) and rank 0 writes checkpoints and metrics.
+Without those variables everything here is a no-op around a single process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as td
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def init_from_env(device_type: str) -> DistInfo:
+    """Join the process group torchrun describes in the environment (single process when absent)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return DistInfo()
+    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not td.is_initialized():
+        td.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return info
+
+
+def device_for(device: torch.device, dist: DistInfo) -> torch.device:
+    if device.type == "cuda" and dist.enabled:
+        torch.cuda.set_device(dist.local_rank)
+        return torch.device("cuda", dist.local_rank)
+    return device
+
+
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Recompute each block's activations in the backward pass instead of storing them.
+
+    Patches the block instances' forward (not the module tree), so parameter names and the saved
+    weights stay the same.
+    """
+    for block in model.blocks:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def wrap(model: nn.Module, cfg, device: torch.device, dist: DistInfo) -> nn.Module:
+    """The module the training step calls; `model` itself stays the unwrapped one that is saved."""
+    if cfg.checkpointing:
+        checkpoint_blocks(model)
+    wrapped: nn.Module = model
+    if dist.enabled:
+        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    if use_compile:
+        wrapped = torch.compile(wrapped)
+    return wrapped
+
+
+def maybe_no_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """Skip DDP's gradient all-reduce on all but the last micro-batch of a step."""
+    inner = getattr(model, "_orig_mod", model)  # through torch.compile's wrapper
+    if sync or not isinstance(inner, DistributedDataParallel):
+        return contextlib.nullcontext()
+    return inner.no_sync()
+
+
+def _reduce(t: torch.Tensor, dist: DistInfo) -> torch.Tensor:
+    if dist.enabled:
+        td.all_reduce(t, op=td.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_int(n: int, device: torch.device, dist: DistInfo) -> int:
+    if not dist.enabled:
+        return n
+    return int(_reduce(torch.tensor(n, dtype=torch.int64, device=device), dist))
+
+
+def all_reduce_float(t: torch.Tensor, dist: DistInfo) -> float:
+    return float(_reduce(t.detach().clone(), dist))
+
+
+def barrier(dist: DistInfo) -> None:
+    if dist.enabled:
+        td.barrier()
+
+
+def shutdown(dist: DistInfo) -> None:
+    if dist.enabled and td.is_initialized():
+        td.destroy_process_group()

@@ -1,0 +1,228 @@
+"""The training loop shared by both phases: accumulate, clip, step, log, evaluate, checkpoint.
+
+Data indexing: optimizer step s runs accum_steps micro-batches on each of `world` ranks, and micro-batch
+m of rank r is `data.batch(s, micro_batch, rank=r*accum+m, world=world*accum)`. Accumulation slots are
+thus virtual ranks: 2 ranks x 1 micro-batch and 1 rank x 2 micro-batches read the same rows, and the
+sampler's position is just the step number.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from pocketlm import PocketLMError
+from pocketlm.train import ddp, metrics
+from pocketlm.train.checkpoint import rng_state, save_checkpoint, set_rng_state
+from pocketlm.train.config import TrainConfig, config_dict
+from pocketlm.train.evaluate import evaluate, greedy_text, pooled
+from pocketlm.train.optim import build_adamw
+from pocketlm.train.precision import MAX_SKIPPED_STEPS, Precision, device_name, peak_flops, resolve_precision
+from pocketlm.train.schedule import lr_at
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Phase:
+    name: str  # pretrain | sft
+    steps: int
+    peak_lr: float
+    train: Any  # has batch(step, batch_size, rank, world) -> Batch
+    val: dict[str, Any]  # source -> data with val_batches(batch_size, max_batches)
+    judged_by: tuple[str, ...]  # sources whose pooled val loss decides best/
+    prompts: list[list[int]] = field(default_factory=list)  # token ids of the fixed sample prompts
+
+
+@dataclass
+class RunContext:
+    cfg: TrainConfig
+    run_dir: Path
+    device: torch.device
+    tok: Any  # pocketlm Tokenizer
+    dist: ddp.DistInfo
+    log: Callable[[str], None] = print
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+
+def micro_batches(data: Any, step: int, micro_batch: int, accum: int, rank: int = 0, world: int = 1) -> list[dict]:
+    return [data.batch(step, micro_batch, rank=rank * accum + m, world=world * accum) for m in range(accum)]
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, batches: list[dict], prec: Precision,
+               grad_clip: float, device: torch.device, dist: ddp.DistInfo) -> tuple[torch.Tensor, float]:
+    """One optimizer step over `batches` (this rank's micro-batches).
+
+    Each micro-batch's mean loss is weighted by its share of the global batch's target tokens, so the
+    gradient is the token mean over the whole global batch whatever the split into micro-batches and
+    ranks (SFT rows carry very different numbers of assistant tokens). Returns (this rank's share of
+    the global mean loss as a device tensor, global grad norm before clipping). The grad norm is read
+    on the host once per step: that is how non-finite steps are caught.
+    """
+    counts = [int((b["y"] != IGNORE_INDEX).sum()) for b in batches]  # CPU tensors: no device sync
+    n_global = max(1, ddp.all_reduce_int(sum(counts), device, dist))
+    loss_share = torch.zeros((), device=device)
+    for i, (b, n) in enumerate(zip(batches, counts)):
+        last = i == len(batches) - 1
+        with ddp.maybe_no_sync(model, sync=last):
+            with prec.autocast():
+                _, loss = model(b["x"].to(device, non_blocking=True), b["y"].to(device, non_blocking=True),
+                                positions=b["positions"].to(device, non_blocking=True),
+                                doc_ids=b["doc_ids"].to(device, non_blocking=True))
+            # DDP averages gradients over ranks, hence the factor world to get a global token sum.
+            prec.scaler.scale(loss * (n * dist.world / n_global)).backward()
+        loss_share += loss.detach() * (n / n_global)
+    prec.scaler.unscale_(opt)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf))
+    if prec.scaler.is_enabled():
+        prec.scaler.step(opt)  # skips the update itself when the gradients overflowed
+        prec.scaler.update()
+    elif math.isfinite(grad_norm):
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss_share, grad_norm
+
+
+def flops_per_token(model_cfg: Any, n_params: int, seq_len: int) -> float:
+    """6N for the matmuls with the weights, 12·L·C·T for attention scores and values (fwd + bwd)."""
+    return 6 * n_params + 12 * model_cfg.n_layer * model_cfg.n_embd * seq_len
+
+
+class Meter:
+    """What a log line reports: mean loss (summed on the device), tokens/s, ms/step, skipped steps."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss.zero_()
+        self.steps = self.tokens = self.skipped = 0
+        self.t0 = time.perf_counter()
+
+    def add(self, loss_share: torch.Tensor, tokens: int, finite: bool) -> None:
+        self.loss += loss_share
+        self.steps += 1
+        self.tokens += tokens
+        self.skipped += not finite  # fp16 steps the loss scaler dropped
+
+    def read(self, dist: ddp.DistInfo) -> dict[str, float]:
+        """The line's numbers; the loss all-reduce is the one host sync of a log step."""
+        dt = time.perf_counter() - self.t0
+        return {"loss": ddp.all_reduce_float(self.loss, dist) / self.steps, "tok_per_s": self.tokens / dt,
+                "dt_ms": 1000 * dt / self.steps, "skipped": self.skipped}
+
+
+def run_phase(run: RunContext, phase: Phase, model: nn.Module, tokenizer_path: Path,
+              state: dict[str, Any] | None = None) -> float:
+    """Train `model` (unwrapped, on run.device) through `phase`, from `state` when resuming.
+
+    Returns the best validation loss. Saves `phase/last` at every evaluation and `phase/best` when
+    the validation loss improves; rank 0 writes, the others wait.
+    """
+    cfg, dist, device = run.cfg, run.dist, run.device
+    phase_dir = run.run_dir / phase.name
+    opt = build_adamw(model, phase.peak_lr, cfg.weight_decay, cfg.beta2, device)
+    prec = Precision.create(device, resolve_precision(device, cfg.precision))
+    step, best = 0, math.inf
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        prec.load_state_dict(state["precision"])
+        step, best = state["step"], state["best_val"]
+        set_rng_state(state["rng"])
+    train_model = ddp.wrap(model, cfg, device, dist)
+
+    fpt = flops_per_token(model.cfg, sum(p.numel() for p in model.parameters()), cfg.seq_len)
+    chip = device_name(device)
+    bar = tqdm(total=phase.steps, initial=step, desc=phase.name, disable=dist.rank != 0, dynamic_ncols=True)
+    meter = Meter(device)
+
+    def save(kind: str, val_loss: float) -> None:
+        if dist.rank == 0:
+            meta = {"phase": phase.name, "step": step, "val_loss": val_loss, "train_config": config_dict(cfg),
+                    "special_ids": run.tok.special_token_ids()}
+            st = {"optimizer": opt.state_dict(), "precision": prec.state_dict(), "step": step,
+                  "best_val": best, "rng": rng_state(), "data_position": step, "config": config_dict(cfg)}
+            save_checkpoint(phase_dir, kind, model, tokenizer_path, meta, st)
+        ddp.barrier(dist)
+
+    try:  # close the bar also when the run stops with an error, so the message is not garbled
+        while step < phase.steps:
+            lr = lr_at(step, phase.peak_lr, phase.steps, cfg.warmup_steps, cfg.min_lr_frac, cfg.schedule,
+                       cfg.decay_frac)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            batches = micro_batches(phase.train, step, cfg.micro_batch, cfg.accum_steps, dist.rank, dist.world)
+            loss_share, grad_norm = train_step(train_model, opt, batches, prec, cfg.grad_clip, device, dist)
+            finite = math.isfinite(grad_norm)
+            if not finite and prec.mode != "fp16":
+                last = phase_dir / "last"
+                raise PocketLMError(
+                    f"non-finite loss or gradient at {phase.name} step {step + 1} in {prec.mode}; last good "
+                    f"checkpoint: {last if last.exists() else 'none'}; lower --lr or --grad-clip and resume from it")
+            if prec.after_step(finite):
+                run.log(f"{phase.name} step {step + 1}: fp16 overflowed {MAX_SKIPPED_STEPS} steps in a row; "
+                        "continuing in fp32")
+            step += 1
+            meter.add(loss_share, sum(b["x"].numel() for b in batches) * dist.world, finite)
+            bar.update(1)
+            evaluating = step % cfg.eval_every == 0 or step == phase.steps
+            # A line at every checkpoint too: a resumed run then averages the same steps per line.
+            if step % cfg.log_every == 0 or evaluating:
+                rec = {"kind": "train", "step": step, "phase": phase.name, "lr": lr, "grad_norm": grad_norm,
+                       **meter.read(dist), "precision": prec.mode}
+                peak = peak_flops(chip, prec.mode)
+                rec["mfu"] = rec["tok_per_s"] * fpt / (peak * dist.world) if peak else None
+                if dist.rank == 0:
+                    metrics.append(run.metrics_path, rec)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{rec['tok_per_s']:,.0f}",
+                                mfu="unknown" if rec["mfu"] is None else f"{100 * rec['mfu']:.1f}%")
+                meter.reset()
+            if evaluating:
+                val = run_eval(run, phase, model, step, prec)
+                if val < best:
+                    best = val
+                    save("best", val)
+                save("last", val)
+                meter.reset()  # evaluation time is not training throughput
+    finally:
+        bar.close()
+    return best
+
+
+def run_eval(run: RunContext, phase: Phase, model: nn.Module, step: int, prec: Precision) -> float:
+    """Evaluate every validation source, write eval and sample lines; returns the judged val loss."""
+    cfg = run.cfg
+    byte_lengths = run.tok.token_byte_lengths()
+    results = {}
+    for source, data in phase.val.items():
+        batches = data.val_batches(cfg.micro_batch, cfg.eval_batches)
+        results[source] = evaluate(model, batches, byte_lengths, run.device, prec.autocast())
+    val = pooled(results[s] for s in phase.judged_by)
+    if run.dist.rank == 0:
+        for source, r in results.items():
+            metrics.append(run.metrics_path, {"kind": "eval", "step": step, "phase": phase.name, "source": source,
+                                              "loss": r.loss, "bpb": r.bpb, "tokens": r.tokens})
+        metrics.append(run.metrics_path, {"kind": "eval", "step": step, "phase": phase.name, "source": "all",
+                                          "loss": val})
+        summary = " ".join(f"{s}={r.loss:.3f}/{r.bpb:.3f}bpb" for s, r in results.items())
+        run.log(f"[{phase.name} step {step}] val loss {val:.4f} | {summary}")
+        for ids in phase.prompts[: 3 if cfg.sample_tokens else 0]:
+            prompt, text = run.tok.decode(ids), greedy_text(model, run.tok, ids, cfg.sample_tokens)
+            metrics.append(run.metrics_path, {"kind": "sample", "step": step, "phase": phase.name,
+                                              "prompt": prompt, "text": text})
+            run.log(f"  {prompt!r} -> {text!r}")
+    return val
+

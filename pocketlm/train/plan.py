@@ -1,0 +1,154 @@
+"""`pocketlm plan`: pick micro_batch / accum_steps / activation checkpointing for a memory budget.
+
+Peak training memory is predicted analytically (bytes):
+  static      16·N: fp32 weights, grads and AdamW's two moments (+2·N for autocast's weight copies)
+  activations per layer per token, from what the v1 block keeps for backward:
+              4·C fp32 (residual and RMSNorm outputs) + (9·C + 4·F) at the autocast width
+              ((7·C + 4·F) fp32 without autocast), plus H·T when attention is materialised (MPS and
+              CPU run masked attention through the math path);
+              with checkpointing only each block's input (C fp32) plus one block's worth
+  logits      B·T·V at 16 bytes (fp32 logits, log-softmax output, two gradient buffers) + the autocast copy
+  mask        B·T·T bytes (the per-document boolean attention mask)
+  overhead    ×1.1 on everything for allocator fragmentation
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pocketlm import PocketLMError
+from pocketlm.model.config import GPTConfig
+from pocketlm.train.config import TrainConfig
+
+ACT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+OVERHEAD = 1.10
+# Share of the device memory training may use: unified memory on a Mac is shared with macOS and
+# apps (Metal's recommended working set is about 2/3 of RAM); a CUDA card keeps some for its context.
+USABLE = {"mps": 0.60, "cuda": 0.90, "cpu": 0.50}
+AUTO_PRECISION = {"mps": "fp16", "cuda": "bf16", "cpu": "fp32"}
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    static: int
+    activations: int
+    logits: int
+    mask: int
+
+    @property
+    def total(self) -> int:
+        return int(OVERHEAD * (self.static + self.activations + self.logits + self.mask))
+
+
+def n_params(cfg: GPTConfig) -> int:
+    """Parameters of the v1 architecture (tied embedding counted once)."""
+    C, F, L = cfg.n_embd, cfg.ffn_hidden, cfg.n_layer
+    per_layer = 3 * C * C + C * C + 3 * C * F + 2 * C
+    return cfg.vocab_size * C + L * per_layer + C
+
+
+def estimate(cfg: GPTConfig, micro_batch: int, seq_len: int, precision: str, device: str,
+             checkpointing: bool) -> MemoryEstimate:
+    C, F, L, H, V = cfg.n_embd, cfg.ffn_hidden, cfg.n_layer, cfg.n_head, cfg.vocab_size
+    a = ACT_BYTES[precision]
+    amp = precision != "fp32"
+    N = n_params(cfg)
+    static = 16 * N + (2 * N if amp else 0)
+    per_token_layer = 4 * C * 4 + ((9 * C + 4 * F) if amp else (7 * C + 4 * F)) * a
+    if device in ("mps", "cpu"):  # masked attention takes the math path there: the pattern is stored
+        per_token_layer += H * seq_len * a
+    tokens = micro_batch * seq_len
+    if checkpointing:
+        activations = tokens * (L * C * 4 + per_token_layer)
+    else:
+        activations = tokens * L * per_token_layer
+    logits = tokens * V * (16 + (a if amp else 0))
+    return MemoryEstimate(static, activations, logits, micro_batch * seq_len * seq_len)
+
+
+@dataclass(frozen=True)
+class Plan:
+    micro_batch: int
+    accum_steps: int
+    checkpointing: bool
+    precision: str
+    estimate: MemoryEstimate
+    budget: int
+
+
+def parse_memory(text: str) -> int:
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([GMK]i?B?|B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise PocketLMError(f"--memory {text!r}: write a size like 16GB or 80GB")
+    unit = (m.group(2) or "GB").upper().rstrip("B").rstrip("I")
+    return int(float(m.group(1)) * {"G": 1 << 30, "M": 1 << 20, "K": 1 << 10, "": 1}[unit])
+
+
+def plan(cfg: GPTConfig, seq_len: int, device: str, memory: int, batch_tokens: int,
+         precision: str = "auto") -> Plan:
+    """The largest power-of-two micro-batch that fits without checkpointing (at least 4 rows, so
+    the GEMMs stay efficient), else the largest that fits with it; accum_steps reach batch_tokens."""
+    prec = AUTO_PRECISION[device] if precision == "auto" else precision
+    budget = int(USABLE[device] * memory)
+    sizes = [2 ** k for k in range(8, -1, -1)]
+    for ckpt, smallest in ((False, 4), (True, 1)):
+        for b in sizes:
+            est = estimate(cfg, b, seq_len, prec, device, ckpt)
+            if b >= smallest and est.total <= budget:
+                return Plan(b, max(1, math.ceil(batch_tokens / (b * seq_len))), ckpt, prec, est, budget)
+    raise PocketLMError(f"even micro_batch 1 with checkpointing needs more than {budget / 2**30:.1f} GiB; "
+                        "lower --seq-len or use a smaller model")
+
+
+def describe(p: Plan, seq_len: int) -> str:
+    gib = 1 << 30
+    e = p.estimate
+    return "\n".join([
+        f"micro_batch   {p.micro_batch}",
+        f"accum_steps   {p.accum_steps}  ({p.micro_batch * p.accum_steps * seq_len:,} tokens per step)",
+        f"checkpointing {'on' if p.checkpointing else 'off'}",
+        f"precision     {p.precision}",
+        f"peak memory   {e.total / gib:.2f} GiB predicted of {p.budget / gib:.2f} GiB usable "
+        f"(static {e.static / gib:.2f}, activations {e.activations / gib:.2f}, logits {e.logits / gib:.2f}, "
+        f"mask {e.mask / gib:.2f}, x{OVERHEAD} allocator)",
+    ])
+
+
+def plan_toml(p: Plan, base: dict[str, Any], model: dict[str, Any], device: str, memory: str) -> str:
+    lines = [f"# Planned by `pocketlm plan --device {device} --memory {memory}`: "
+             f"predicted peak {p.estimate.total / 2**30:.2f} GiB of {p.budget / 2**30:.2f} GiB usable.",
+             "[train]"]
+    values = {**base, "device": device, "precision": p.precision, "micro_batch": p.micro_batch,
+              "accum_steps": p.accum_steps, "checkpointing": p.checkpointing}
+    lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
+    if model:
+        lines += ["", "[model]"] + [f"{k} = {_toml(v)}" for k, v in model.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _toml(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    if isinstance(v, str):
+        return f'"{v}"'
+    return repr(v)
+
+
+def plan_cli(cfg: TrainConfig, model_overrides: dict[str, Any], device: str, memory: str, batch_tokens: int,
+             write: str | None) -> int:
+    from pocketlm.train.run import PRESETS
+
+    mcfg = GPTConfig(**{**PRESETS[cfg.model]().to_dict(), **model_overrides})
+    p = plan(mcfg, cfg.seq_len, device, parse_memory(memory), batch_tokens, cfg.precision)
+    print(describe(p, cfg.seq_len))
+    if write:
+        Path(write).write_text(plan_toml(p, {"seq_len": cfg.seq_len}, model_overrides, device, memory),
+                               encoding="utf-8")
+        print(f"wrote {write}")
+    return 0

@@ -1,0 +1,128 @@
+"""Device, dtype, autocast and loss scaling: every precision decision of training lives here.
+
+- device: cuda > mps > cpu when "auto".
+- precision "auto": CUDA bf16 autocast; MPS fp16 autocast + GradScaler (MPS bf16 is slow or missing on
+  many macOS versions); CPU fp32. fp16 always comes with a GradScaler; bf16 and fp32 need none.
+- fp16 falls back to fp32 by itself when overflow-skipped steps keep coming (the scaler cannot help).
+- peak FLOPS per device for MFU: a table, "unknown" (None) for anything not in it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import subprocess
+from dataclasses import dataclass
+
+import torch
+
+from pocketlm import PocketLMError
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Consecutive overflow-skipped steps after which fp16 is given up for fp32: the scale has then dropped
+# 2**10-fold, so the overflow is in the forward values themselves, not in a too-high loss scale.
+MAX_SKIPPED_STEPS = 10
+
+# Dense peak TFLOP/s for the training dtype (no sparsity). Apple GPUs run fp16 at the fp32 rate.
+PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "H100": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},  # SXM; PCIe parts report "H100 PCIe" below
+    "H100 PCIe": {"bf16": 756.0, "fp16": 756.0, "fp32": 51.0},
+    "H200": {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
+    "L4": {"bf16": 121.0, "fp16": 121.0, "fp32": 30.3},
+    "RTX 4090": {"bf16": 165.0, "fp16": 165.0, "fp32": 82.6},
+    "RTX 3090": {"bf16": 71.0, "fp16": 71.0, "fp32": 35.6},
+    "Apple M4 Max": {"bf16": 18.4, "fp16": 18.4, "fp32": 18.4},
+    "Apple M4 Pro": {"bf16": 9.2, "fp16": 9.2, "fp32": 9.2},
+    "Apple M4": {"bf16": 4.4, "fp16": 4.4, "fp32": 4.4},
+}
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name not in ("cuda", "mps", "cpu") and not name.startswith("cuda:"):
+        raise PocketLMError(f"TrainConfig.device={name!r}: use auto, cuda, cuda:N, mps or cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PocketLMError("TrainConfig.device=cuda but no CUDA GPU is visible; use --device auto or cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise PocketLMError("TrainConfig.device=mps but MPS is not available; use --device auto or cpu")
+    return torch.device(name)
+
+
+def resolve_precision(device: torch.device, requested: str = "auto") -> str:
+    if requested not in PRECISIONS:
+        raise PocketLMError(f"TrainConfig.precision={requested!r}: use one of {', '.join(PRECISIONS)}")
+    if requested != "auto":
+        return requested
+    return {"cuda": "bf16", "mps": "fp16"}.get(device.type, "fp32")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True)
+        return out.stdout.strip() or "Apple (unknown chip)"
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def peak_flops(name: str, precision: str) -> float | None:
+    """Peak FLOP/s of the named device for `precision`, or None ("unknown") when not in the table."""
+    # Longest key first, so "H100 PCIe" wins over "H100" and "Apple M4 Max" over "Apple M4".
+    for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
+        if key in name:
+            return PEAK_TFLOPS[key][precision] * 1e12
+    return None
+
+
+@dataclass
+class Precision:
+    """The live precision state of one run; `fall_back_to_fp32` is the only transition."""
+
+    device: torch.device
+    mode: str  # fp32 | bf16 | fp16
+    scaler: torch.amp.GradScaler
+    skipped_in_a_row: int = 0
+
+    @classmethod
+    def create(cls, device: torch.device, mode: str) -> Precision:
+        if mode == "bf16" and device.type == "mps" and not torch.backends.mps.is_macos_or_newer(14, 0):
+            raise PocketLMError("precision bf16 needs macOS 14+ on MPS; use --precision fp16 or fp32")
+        return cls(device, mode, torch.amp.GradScaler(device.type, enabled=(mode == "fp16")))
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.mode == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=DTYPES[self.mode])
+
+    def after_step(self, finite: bool) -> bool:
+        """Record whether the step's gradients were finite; True when fp16 was just given up."""
+        if finite or self.mode != "fp16":
+            self.skipped_in_a_row = 0
+            return False
+        self.skipped_in_a_row += 1
+        if self.skipped_in_a_row < MAX_SKIPPED_STEPS:
+            return False
+        self.mode = "fp32"
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)
+        self.skipped_in_a_row = 0
+        return True
+
+    def state_dict(self) -> dict:
+        return {"mode": self.mode, "scaler": self.scaler.state_dict(), "skipped_in_a_row": self.skipped_in_a_row}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue a run: a run that gave fp16 up stays in fp32; a run moved to another device keeps
+        this device's precision (the scaler state only carries over from fp16 to fp16)."""
+        if self.mode == "fp16" and state["mode"] == "fp32":
+            self.mode = "fp32"
+            self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)
+        if self.mode == state["mode"] == "fp16":
+            self.scaler.load_state_dict(state["scaler"])
+        self.skipped_in_a_row = state["skipped_in_a_row"] if self.mode == state["mode"] else 0

@@ -1,0 +1,56 @@
+"""The pretrain phase: random windows from the document mixture; every source also evaluated alone.
+
+best/ is judged by the pooled validation loss of the trained sources; eval-only sources (WikiText by
+default) are reported beside it, never trained on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pocketlm import PocketLMError
+from pocketlm.cache.dataset import PretrainData
+from pocketlm.cache.shards import Cache
+from pocketlm.train.config import TrainConfig
+from pocketlm.train.loop import Phase
+
+PROMPTS = ("The meaning of life is", "Once upon a time,", "The most important thing to remember about")
+
+
+def parse_mix(items: tuple[str, ...]) -> dict[str, float]:
+    """("fineweb_edu=0.95", "roam=0.05") -> {"fineweb_edu": 0.95, "roam": 0.05}; a bare name weighs 1."""
+    mix = {}
+    for item in items:
+        name, _, weight = item.partition("=")
+        try:
+            mix[name.strip()] = float(weight) if weight else 1.0
+        except ValueError:
+            raise PocketLMError(f"TrainConfig.pretrain_mix: {item!r} is not SOURCE=WEIGHT (e.g. roam=0.05)") from None
+    return mix
+
+
+def val_sets(cache_dir: Path, sources: list[str], kind: str, seq_len: int, log) -> list[str]:
+    """The sources whose val split is long enough to evaluate; the others are named and skipped."""
+    cache = Cache(cache_dir, verify="size")
+    known = cache.sources(kind)
+    missing = [s for s in sources if s not in known]
+    if missing:
+        raise PocketLMError(f"{cache_dir}: no {kind} source(s) {', '.join(missing)} (it has {', '.join(known)}); "
+                            "rebuild the cache with them or change the config")
+    usable = [s for s in sources if cache.stream(s, "val").n_tokens > (seq_len if kind == "pretrain" else 0)]
+    for s in sorted(set(sources) - set(usable)):
+        log(f"note: {s} has too few validation tokens in {cache_dir} to evaluate; skipped")
+    return usable
+
+
+def pretrain_phase(cfg: TrainConfig, tok, log=print) -> Phase:
+    cache = Path(cfg.cache)
+    mix = parse_mix(cfg.pretrain_mix)
+    train = PretrainData(cache, mix, cfg.seq_len, cfg.seed, "train", tokenizer_hash=tok.hash)
+    sources = val_sets(cache, list(mix) + [s for s in cfg.eval_sources if s not in mix], "pretrain", cfg.seq_len, log)
+    val = {s: PretrainData(cache, {s: 1.0}, cfg.seq_len, cfg.seed, "val", verify="size") for s in sources}
+    judged = tuple(s for s in mix if s in val)
+    if not judged:
+        raise PocketLMError(f"{cache}: none of the pretrain sources {', '.join(mix)} has a validation split to "
+                            "judge best/ by; rebuild the cache with a larger val_fraction or more data")
+    return Phase("pretrain", cfg.pretrain_steps, cfg.lr, train, val, judged, [tok.encode(p) for p in PROMPTS])
