@@ -132,6 +132,9 @@ def _parse_specs(specs: Sequence[tuple[str, str]]) -> list[tuple[str, object, st
     return parsed
 
 
+TOKENIZER_NAME = "tokenizer.model"
+
+
 def build_cache(tokenizer_path: str | Path, specs: Sequence[tuple[str, str]], out_dir: str | Path,
                 seed: int = 0, data_dir: str | Path | None = None, *, val_fraction: float = 0.02,
                 workers: int = 0, shard_tokens: int = 1 << 24, sft_mask: str = "assistant",
@@ -158,8 +161,10 @@ def build_cache(tokenizer_path: str | Path, specs: Sequence[tuple[str, str]], ou
     token_bytes = np.asarray(tok.token_byte_lengths(), dtype=np.int32)
     meta = {
         "magic": shards.MAGIC, "format_version": shards.FORMAT_VERSION, "dtype": dtype.str,
-        "tokenizer": {"sha256": tok.hash, "path": str(tok.path), "vocab_size": tok.vocab_size,
-                      "eot_id": tok.eot_id, "special_ids": tok.special_token_ids()},
+        # A copy of the tokenizer travels with the cache, so training needs nothing outside this folder.
+        "tokenizer": {"sha256": tok.hash, "path": str(Path(tok.path).resolve()), "vocab_size": tok.vocab_size,
+                      "eot_id": tok.eot_id, "special_ids": tok.special_token_ids(),
+                      "file": shards.write_file(out_dir / TOKENIZER_NAME, Path(tok.path).read_bytes())},
         "token_bytes": shards.write_file(out_dir / shards.TOKEN_BYTES_NAME, _npy_bytes(token_bytes)),
         "seed": seed, "val_fraction": val_fraction, "sft_mask": sft_mask, "shard_tokens": shard_tokens,
         "sources": {},

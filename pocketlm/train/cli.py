@@ -108,6 +108,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quickstart", help="the whole pipeline at a small scale, offline, in minutes")
     p.add_argument("--out", default="runs/quickstart", help="folder for tokenizer, cache and run")
     p.add_argument("--data-dir", help="local data mirror: use the real datasets instead of the embedded text")
-    p.add_argument("--steps", type=int, help="optimizer steps per phase (default: configs/quickstart.toml)")
+    p.add_argument("--steps", type=int, help="optimizer steps per phase (default: pocketlm/train/quickstart.toml)")
     p.add_argument("--device", default="auto", help="auto | cuda | mps | cpu")
     p.set_defaults(handler=_quickstart)

@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from pocketlm import PocketLMError
+from pocketlm.cache.build_cache import TOKENIZER_NAME
 from pocketlm.cache.shards import read_meta
 from pocketlm.config import from_dict
 from pocketlm.model import GPT, GPTConfig
@@ -47,12 +48,15 @@ def model_config(cfg: TrainConfig, overrides: dict[str, Any], vocab_size: int) -
 
 
 def cache_tokenizer(cache_dir: Path) -> Tokenizer:
-    """The tokenizer the cache was built with (its path and sha256 are in the cache's meta.json)."""
+    """The tokenizer the cache was built with: the copy inside the cache, checked against meta.json."""
     info = read_meta(cache_dir)["tokenizer"]
-    tok = Tokenizer.load(info["path"])
+    path = cache_dir / TOKENIZER_NAME
+    if not path.is_file():
+        raise PocketLMError(f"{path} is missing: rebuild the cache with `pocketlm cache build`")
+    tok = Tokenizer.load(path)
     if tok.hash != info["sha256"]:
-        raise PocketLMError(f"{info['path']} is not the tokenizer {cache_dir} was built with (sha256 differs); "
-                            "restore it or rebuild the cache with `pocketlm cache build`")
+        raise PocketLMError(f"{path} is not the tokenizer {cache_dir} was built with (sha256 differs); "
+                            "rebuild the cache with `pocketlm cache build`")
     return tok
 
 
