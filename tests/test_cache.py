@@ -20,7 +20,7 @@ from pocketlm.cache.shards import Cache, ShardWriter, token_dtype
 from pocketlm.cli import main
 from pocketlm.format.pretrain import encode_document
 
-SPECS = [("fineweb_edu:take=40", "pretrain"), ("wikitext:take=300", "pretrain"),
+SPECS = [("fineweb_edu:take=40", "pretrain"), ("wikitext:take=300", "eval"),
          ("dolly:take=150", "sft"), ("oasst1:take=30", "sft")]
 
 
@@ -61,7 +61,12 @@ def test_contents_match_meta(cache, small_tokenizer):
         counts = src["counts"]
         assert counts["train"]["docs"] + counts["val"]["docs"] == given[name]
         assert not {"empty_text", "no_assistant_turn"} & set(src["dropped"])
+        # An eval source is kept whole for validation; the others are split by document id.
+        assert src["eval_only"] == (name == "wikitext")
+        assert (counts["train"]["docs"] == 0) == (name == "wikitext")
         for split in ("train", "val"):
+            if counts[split]["docs"] == 0:
+                continue
             s = c.stream(name, split)
             ids = s.read(0, s.n_tokens)
             starts = s.doc_starts()

@@ -29,7 +29,10 @@ from pocketlm.tokenizer.tokenizer_sp import Tokenizer
 if TYPE_CHECKING:
     from tqdm import tqdm
 
-KINDS = {"pretrain": "doc", "sft": "chat"}  # cache kind -> the data stage's record kind
+KINDS = {"pretrain": "doc", "sft": "chat", "eval": "doc"}  # tag -> the data stage's record kind
+# An `eval` source is stored as pretrain documents that all go to the val split: an eval-only set
+# (WikiText) is small, and a 2% hash split of it could leave no validation text at all.
+EVAL_ONLY = "eval"
 
 
 class Encoded(NamedTuple):
@@ -117,10 +120,10 @@ def _parse_specs(specs: Sequence[tuple[str, str]]) -> list[tuple[str, object, st
     parsed, seen = [], set()
     for text, kind in specs:
         if kind not in KINDS:
-            raise PocketLMError(f"source {text!r} is tagged {kind!r}; tag it 'pretrain' or 'sft'")
+            raise PocketLMError(f"source {text!r} is tagged {kind!r}; tag it 'pretrain', 'eval' or 'sft'")
         spec = parse_spec(text)
         if source_kind(spec.name) != KINDS[kind]:
-            flag = "--sft" if kind == "pretrain" else "--pretrain"
+            flag = "--pretrain or --eval" if kind == "sft" else "--sft"
             raise PocketLMError(f"source {spec.name!r} holds {source_kind(spec.name)} records, not "
                                 f"{KINDS[kind]}s: pass it with {flag}")
         if spec.name in seen:
@@ -172,14 +175,16 @@ def build_cache(tokenizer_path: str | Path, specs: Sequence[tuple[str, str]], ou
     # Threads, not processes: SentencePiece encodes with the GIL released, so the threads run on all
     # cores while this one reads and writes, and no ids are pickled between processes.
     with ThreadPoolExecutor(workers) as pool:
-        for text, spec, kind in parsed:
+        for text, spec, tag in parsed:
+            kind, fraction = ("pretrain", 1.0) if tag == EVAL_ONLY else (tag, val_fraction)
             stats = SourceStats()
             records = open_source(spec, data_dir=data_dir, stats=stats)
-            jobs = ((tok, kind, spec.name, val_fraction, sft_mask, c) for c in chunks(records, chunk_docs))
+            jobs = ((tok, kind, spec.name, fraction, sft_mask, c) for c in chunks(records, chunk_docs))
             results = ordered_map(pool, encode_records, jobs, ahead=2 * workers)
             with tqdm(desc=f"{spec.name} ({kind})", unit="doc", disable=not progress) as bar:
                 src = _write_source(out_dir / spec.name, kind, dtype, shard_tokens, token_bytes, results, bar)
             src["spec"] = text
+            src["eval_only"] = tag == EVAL_ONLY
             src["dropped"] = dict(sorted((src["dropped"] + stats.dropped).items()))
             meta["sources"][spec.name] = src
     shards.write_meta(out_dir, meta)

@@ -13,6 +13,7 @@ from pocketlm.config import add_dataclass_args, load_toml, resolve
 class CacheConfig:
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer.model to encode with (required)"})
     pretrain: tuple[str, ...] = field(default=(), metadata={"help": "document source specs, e.g. roam:take=500"})
+    eval: tuple[str, ...] = field(default=(), metadata={"help": "document specs kept whole for validation, e.g. wikitext"})
     sft: tuple[str, ...] = field(default=(), metadata={"help": "chat source specs, e.g. dolly:take=1000"})
     out: str | None = field(default=None, metadata={"help": "cache folder to write (required)"})
     data_dir: str | None = field(default=None, metadata={"help": "local data mirror (default: the hub)"})
@@ -45,7 +46,7 @@ def _build(args: argparse.Namespace) -> int:
     cfg = resolve(CacheConfig, args, toml, where=args.config or "flags")
     if cfg.tokenizer is None or cfg.out is None:
         raise PocketLMError("cache build needs --tokenizer PATH and --out DIR")
-    specs = [(s, "pretrain") for s in cfg.pretrain] + [(s, "sft") for s in cfg.sft]
+    specs = [(s, "pretrain") for s in cfg.pretrain] + [(s, "eval") for s in cfg.eval] + [(s, "sft") for s in cfg.sft]
     meta = build_cache(cfg.tokenizer, specs, cfg.out, cfg.seed, cfg.data_dir, val_fraction=cfg.val_fraction,
                        workers=cfg.workers, shard_tokens=cfg.shard_tokens, sft_mask=cfg.sft_mask)
     print(describe(meta))
@@ -65,7 +66,8 @@ def describe(meta: dict) -> str:
              f"tokenizer {tok['path']} (sha256 {tok['sha256'][:12]}…), seed {meta['seed']}, "
              f"val_fraction {meta['val_fraction']}"]
     for name, src in sorted(meta["sources"].items()):
-        lines.append(f"{name} ({src['kind']}, spec {src['spec']!r}): {len(src['shards'])} shard(s)")
+        kind = "eval" if src.get("eval_only") else src["kind"]
+        lines.append(f"{name} ({kind}, spec {src['spec']!r}): {len(src['shards'])} shard(s)")
         for split, c in src["counts"].items():
             extra = f", {c['supervised_tokens']:,} supervised" if "supervised_tokens" in c else ""
             lines.append(f"  {split:5s} {c['docs']:>9,} docs {c['tokens']:>13,} tokens "

@@ -74,7 +74,8 @@ def quickstart(out: str | Path, data_dir: str | None = None, steps: int | None =
         train_tokenizer(_corpus(sources, data_dir), vocab_size=VOCAB_SIZE, out_dir=tok_path.parent, seed=cfg.seed)
     print(f"[2/6] token cache -> {cfg.cache}")
     if not (Path(cfg.cache) / "meta.json").is_file():
-        specs = [(s, "pretrain") for s in sources["pretrain"] + sources["eval"]] + [(s, "sft") for s in sources["sft"]]
+        specs = ([(s, "pretrain") for s in sources["pretrain"]] + [(s, "eval") for s in sources["eval"]]
+                 + [(s, "sft") for s in sources["sft"]])
         build_cache(tok_path, specs, cfg.cache, seed=cfg.seed, data_dir=data_dir, val_fraction=0.1)
     print(f"[3/6] pretrain + [4/6] SFT ({cfg.pretrain_steps} + {cfg.sft_steps} steps) -> {out / cfg.name}")
     best = train(cfg, model_overrides, "pretrain_then_sft", resume=True)
