@@ -21,7 +21,10 @@ class TrainConfig:
                                           metadata={"help": "pretrain sources as SOURCE=WEIGHT"})
     eval_sources: tuple[str, ...] = field(default=("wikitext",),
                                           metadata={"help": "extra sources evaluated, never trained on"})
-    sft_sources: tuple[str, ...] = field(default=("dolly", "oasst1", "primer"), metadata={"help": "SFT sources"})
+    # Weights are shares of packed rows. Uniform weights made the 39-chat primer a third of all rows,
+    # and the model answered unrelated questions with memorised primer replies.
+    sft_sources: tuple[str, ...] = field(default=("dolly=0.6", "oasst1=0.3", "primer=0.1"),
+                                         metadata={"help": "SFT sources as SOURCE=WEIGHT (a bare name weighs 1)"})
     model: str = field(default="v1", metadata={"help": "model preset (v1 | tiny); TOML [model] overrides fields"})
     # batch: each optimizer step sees micro_batch * accum_steps * world rows of seq_len tokens
     seq_len: int = field(default=1024, metadata={"help": "tokens per row"})

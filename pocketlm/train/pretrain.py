@@ -17,7 +17,7 @@ from pocketlm.train.loop import Phase
 PROMPTS = ("The meaning of life is", "Once upon a time,", "The most important thing to remember about")
 
 
-def parse_mix(items: tuple[str, ...]) -> dict[str, float]:
+def parse_mix(items: tuple[str, ...], field: str = "pretrain_mix") -> dict[str, float]:
     """("fineweb_edu=0.95", "roam=0.05") -> {"fineweb_edu": 0.95, "roam": 0.05}; a bare name weighs 1."""
     mix = {}
     for item in items:
@@ -25,7 +25,7 @@ def parse_mix(items: tuple[str, ...]) -> dict[str, float]:
         try:
             mix[name.strip()] = float(weight) if weight else 1.0
         except ValueError:
-            raise PocketLMError(f"TrainConfig.pretrain_mix: {item!r} is not SOURCE=WEIGHT (e.g. roam=0.05)") from None
+            raise PocketLMError(f"TrainConfig.{field}: {item!r} is not SOURCE=WEIGHT (e.g. roam=0.05)") from None
     return mix
 
 
