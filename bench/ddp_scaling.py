@@ -62,8 +62,14 @@ def main() -> None:
     while not state.exists() and proc.poll() is None:
         time.sleep(0.2)
     time.sleep(1.0)  # the checkpoint folder is renamed into place whole; let the metrics line land too
+    # torchrun starts its workers in sessions of their own: kill the launcher, then every worker.
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    subprocess.run(["pkill", "-9", "-f", "--", f"--runs-dir {args.runs} --name many "], check=False)
+    time.sleep(1.0)
+    killed_at = max(losses(runs / "many"))
+    if killed_at >= args.steps:
+        raise SystemExit(f"the {n}-GPU run finished before it was killed: raise --steps")
     subprocess.run(train_cmd(1, args, "many", n, resume=True), check=True, **quiet)
 
     one, many = losses(runs / "one"), losses(runs / "many")
@@ -77,7 +83,8 @@ def main() -> None:
           f"{max(abs(one[s] - many[s]) for s in before):.4f} over {len(before)} log lines")
     print(f"loss, resumed on 1 GPU from the {n}-GPU checkpoint vs uninterrupted 1 GPU, steps > {half}: "
           f"max |diff| {max(abs(one[s] - many[s]) for s in after):.4f} over {len(after)} log lines")
-    print("final loss: 1 GPU %.4f, resumed %.4f" % (one[args.steps], many[args.steps]))
+    print(f"{n}-GPU run killed after step {killed_at}; final loss: 1 GPU {one[args.steps]:.4f}, "
+          f"resumed {many[args.steps]:.4f}")
 
 
 if __name__ == "__main__":
