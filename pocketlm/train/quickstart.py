@@ -29,14 +29,11 @@ def _name(spec: str) -> str:
 
 
 def _corpus(sources: dict[str, list[str]], data_dir: str | None) -> Iterator[str]:
-    from pocketlm.data.sources import open_source, parse_spec
+    from pocketlm.tokenizer.corpus import source_documents
 
     for spec in sources["pretrain"] + sources["sft"]:
-        for rec in open_source(parse_spec(spec), data_dir=data_dir):
-            if "text" in rec:
-                yield rec["text"]
-            else:
-                yield "\n".join(m["content"] for m in rec["messages"])
+        for texts in source_documents(spec, data_dir):
+            yield "\n".join(texts)  # a chat's messages as one text
 
 
 def quickstart_config(out: Path, sources: dict[str, list[str]], steps: int | None,
