@@ -168,12 +168,12 @@ def test_fp16_overflow_skips_the_step_and_lowers_the_scale(cache, small_tokenize
     before = {k: v.clone() for k, v in model.state_dict().items()}
     handle = model.blocks[0].mlp.down.weight.register_hook(lambda g: g * float("inf"))
     _, grad_norm = train_step(model, opt, [batch], prec, 1.0, CPU, DistInfo())
-    assert grad_norm == float("inf")
+    assert float(grad_norm) == float("inf")
     assert prec.scaler.get_scale() == 2.0 ** 15  # halved from the initial 2**16
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # step skipped
     handle.remove()
     _, grad_norm = train_step(model, opt, [batch], prec, 1.0, CPU, DistInfo())
-    assert torch.isfinite(torch.tensor(grad_norm))
+    assert torch.isfinite(grad_norm)
     assert not torch.equal(before["blocks.0.mlp.down.weight"], model.blocks[0].mlp.down.weight)
 
 
@@ -189,11 +189,11 @@ def test_persistent_overflow_falls_back_to_fp32_then_stops_with_last_good_checkp
         calls["n"] += 1
         return g * float("inf") if calls["n"] > 5 else g
     model.blocks[1].attn.qkv.weight.register_hook(poison_after_step_5)
-    with pytest.raises(PocketLMError, match=r"step (\d+) in fp32; last good checkpoint: .*pretrain/last") as err:
+    with pytest.raises(PocketLMError, match=r"steps (\d+)-(\d+) in fp32 .*last good checkpoint: .*pretrain/last") as err:
         run_phase(run, pretrain_phase(cfg, small_tokenizer), model, small_tokenizer.path)
     # Steps 6..15 overflow in fp16 and are skipped; after the 10th fp32 takes over, and step 16 is
-    # non-finite in fp32 too: stop.
-    assert f"step {5 + MAX_SKIPPED_STEPS + 1} in fp32" in str(err.value)
+    # non-finite in fp32 too: its update is skipped on the device, and the next log line (step 20) stops.
+    assert f"steps {5 + MAX_SKIPPED_STEPS + 1}-20 in fp32" in str(err.value)
     state = load_state(run.run_dir / "pretrain" / "last")
     assert state["step"] == 10 and state["precision"]["mode"] == "fp16"
     assert state["precision"]["scaler"]["scale"] == 2.0 ** (16 - 5)  # halved once per skipped step 6..10
@@ -254,3 +254,21 @@ def test_two_process_gloo_ddp_matches_one_process_on_the_same_global_batch(cache
     m2, _, _ = load_model(tmp_path / "ddp" / "pretrain" / "last")
     for (name, p1), p2 in zip(m1.named_parameters(), m2.parameters()):
         torch.testing.assert_close(p2, p1, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["fp32", "bf16"])
+def test_non_finite_step_is_skipped_on_the_device_without_fp16(cache, small_tokenizer, mode):
+    batch = PretrainData(cache, {"fineweb_edu": 1.0}, 64, 0).batch(0, 2)
+    model = fresh_model(small_tokenizer.vocab_size)
+    opt = build_adamw(model, 1e-3, 0.1, 0.95, CPU)
+    prec = Precision.create(CPU, mode)
+    train_step(model, opt, [batch], prec, 1.0, CPU, DistInfo())  # one good step: the state exists
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    steps_before = [s["step"].clone() for s in opt.state.values()]
+    handle = model.blocks[0].mlp.down.weight.register_hook(lambda g: g * float("nan"))
+    _, grad_norm = train_step(model, opt, [batch], prec, 1.0, CPU, DistInfo())
+    handle.remove()
+    assert isinstance(grad_norm, torch.Tensor) and not torch.isfinite(grad_norm)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(torch.isfinite(s["exp_avg_sq"]).all() for s in opt.state.values())
+    assert [s["step"] for s in opt.state.values()] == steps_before  # AdamW's bias correction unmoved

@@ -61,17 +61,18 @@ def micro_batches(data: Any, step: int, micro_batch: int, accum: int, rank: int 
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, batches: list[dict], prec: Precision,
-               grad_clip: float, device: torch.device, dist: ddp.DistInfo) -> tuple[torch.Tensor, float]:
-    """One optimizer step over `batches` (this rank's micro-batches).
+               grad_clip: float, device: torch.device, dist: ddp.DistInfo) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over `batches` (this rank's micro-batches), without waiting for the device.
 
     Each micro-batch's mean loss is weighted by its share of the global batch's target tokens, so the
     gradient is the token mean over the whole global batch whatever the split into micro-batches and
     ranks (SFT rows carry very different numbers of assistant tokens). Returns (this rank's share of
-    the global mean loss as a device tensor, global grad norm before clipping). The grad norm is read
-    on the host once per step: that is how non-finite steps are caught.
+    the global mean loss, global grad norm before clipping), both device tensors. A step whose
+    gradient is not finite changes nothing: GradScaler skips it in fp16, the fused optimizer's
+    `found_inf` in bf16/fp32, both decided on the device.
     """
     counts = [int((b["y"] != IGNORE_INDEX).sum()) for b in batches]  # CPU tensors: no device sync
-    n_global = max(1, ddp.all_reduce_int(sum(counts), device, dist))
+    n_global = ddp.all_reduce_count(sum(counts), device, dist)
     loss_share = torch.zeros((), device=device)
     for i, (b, n) in enumerate(zip(batches, counts)):
         last = i == len(batches) - 1
@@ -85,11 +86,14 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, batches: list[dict]
         loss_share += loss.detach() * (n / n_global)
     prec.scaler.unscale_(opt)
     params = [p for g in opt.param_groups for p in g["params"]]
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf))
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
     if prec.scaler.is_enabled():
         prec.scaler.step(opt)  # skips the update itself when the gradients overflowed
         prec.scaler.update()
-    elif math.isfinite(grad_norm):
+    elif all(g["fused"] for g in opt.param_groups):
+        opt.found_inf = (~torch.isfinite(grad_norm)).float()  # the fused kernel skips the update when 1
+        opt.step()
+    elif math.isfinite(float(grad_norm)):  # unfused optimizers can only skip from the host
         opt.step()
     opt.zero_grad(set_to_none=True)
     return loss_share, grad_norm
@@ -101,28 +105,37 @@ def flops_per_token(model_cfg: Any, n_params: int, seq_len: int) -> float:
 
 
 class Meter:
-    """What a log line reports: mean loss (summed on the device), tokens/s, ms/step, skipped steps."""
+    """What a log line reports: mean loss and the count of non-finite steps (both summed on the device,
+    read at the line), the last grad norm, tokens/s, ms/step, fp16 steps skipped."""
 
     def __init__(self, device: torch.device) -> None:
         self.loss = torch.zeros((), device=device)
+        self.nonfinite = torch.zeros((), dtype=torch.int32, device=device)
+        self.grad_norm = torch.zeros((), device=device)
         self.reset()
 
     def reset(self) -> None:
         self.loss.zero_()
+        self.nonfinite.zero_()
         self.steps = self.tokens = self.skipped = 0
+        self.first = None  # the first step counted in this line
         self.t0 = time.perf_counter()
 
-    def add(self, loss_share: torch.Tensor, tokens: int, finite: bool) -> None:
+    def add(self, step: int, loss_share: torch.Tensor, grad_norm: torch.Tensor, tokens: int, skipped: bool) -> None:
+        self.first = step if self.first is None else self.first
         self.loss += loss_share
+        self.nonfinite += ~torch.isfinite(grad_norm)
+        self.grad_norm = grad_norm
         self.steps += 1
         self.tokens += tokens
-        self.skipped += not finite  # fp16 steps the loss scaler dropped
+        self.skipped += skipped  # fp16 steps the loss scaler dropped
 
     def read(self, dist: ddp.DistInfo) -> dict[str, float]:
-        """The line's numbers; the loss all-reduce is the one host sync of a log step."""
+        """The line's numbers; reading them is the host sync of a log step."""
         dt = time.perf_counter() - self.t0
         return {"loss": ddp.all_reduce_float(self.loss, dist) / self.steps, "tok_per_s": self.tokens / dt,
-                "dt_ms": 1000 * dt / self.steps, "skipped": self.skipped}
+                "dt_ms": 1000 * dt / self.steps, "skipped": self.skipped, "grad_norm": float(self.grad_norm),
+                "nonfinite": int(self.nonfinite) - self.skipped}  # the ones fp16's scaler did not handle
 
 
 def run_phase(run: RunContext, phase: Phase, model: nn.Module, tokenizer_path: Path,
@@ -165,24 +178,31 @@ def run_phase(run: RunContext, phase: Phase, model: nn.Module, tokenizer_path: P
             for g in opt.param_groups:
                 g["lr"] = lr
             batches = micro_batches(phase.train, step, cfg.micro_batch, cfg.accum_steps, dist.rank, dist.world)
+            mode = prec.mode
             loss_share, grad_norm = train_step(train_model, opt, batches, prec, cfg.grad_clip, device, dist)
-            finite = math.isfinite(grad_norm)
-            if not finite and prec.mode != "fp16":
-                last = phase_dir / "last"
-                raise PocketLMError(
-                    f"non-finite loss or gradient at {phase.name} step {step + 1} in {prec.mode}; last good "
-                    f"checkpoint: {last if last.exists() else 'none'}; lower --lr or --grad-clip and resume from it")
-            if prec.after_step(finite):
+            # fp16 reads every step's grad norm (GradScaler waits for the device anyway) to count the
+            # skipped steps in a row; bf16/fp32 never wait here: their non-finite steps, already skipped
+            # on the device, are counted there and stop the run at the next log line.
+            skipped = mode == "fp16" and not math.isfinite(float(grad_norm))
+            if prec.after_step(not skipped):
                 run.log(f"{phase.name} step {step + 1}: fp16 overflowed {MAX_SKIPPED_STEPS} steps in a row; "
                         "continuing in fp32")
             step += 1
-            meter.add(loss_share, sum(b["x"].numel() for b in batches) * dist.world, finite)
+            meter.add(step, loss_share, grad_norm, sum(b["x"].numel() for b in batches) * dist.world, skipped)
             bar.update(1)
             evaluating = step % cfg.eval_every == 0 or step == phase.steps
-            # A line at every checkpoint too: a resumed run then averages the same steps per line.
+            # A line at every checkpoint too: a resumed run then averages the same steps per line, and
+            # a non-finite step is caught before the checkpoint after it is written.
             if step % cfg.log_every == 0 or evaluating:
-                rec = {"kind": "train", "step": step, "phase": phase.name, "lr": lr, "grad_norm": grad_norm,
-                       **meter.read(dist), "precision": prec.mode}
+                first = meter.first
+                rec = {"kind": "train", "step": step, "phase": phase.name, "lr": lr, **meter.read(dist),
+                       "precision": prec.mode}
+                if rec.pop("nonfinite"):
+                    last = phase_dir / "last"
+                    raise PocketLMError(
+                        f"non-finite loss or gradient in {phase.name} steps {first}-{step} in {mode} (those "
+                        f"updates were skipped); last good checkpoint: {last if last.exists() else 'none'}; "
+                        "lower --lr or --grad-clip and resume from it")
                 peak = peak_flops(chip, prec.mode)
                 rec["mfu"] = rec["tok_per_s"] * fpt / (peak * dist.world) if peak else None
                 if dist.rank == 0:
