@@ -32,14 +32,16 @@ def train_cmd(nproc: int, args: argparse.Namespace, name: str, accum: int, resum
             "--sample-tokens", "0", "--compile", str(args.compile).lower(), *args.extra] + (["--resume"] if resume else [])
 
 
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 def losses(run: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
+    return {r["step"]: r["loss"] for r in rows(run) if r["kind"] == "train"}
 
 
 def val_loss(run: Path) -> float:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["kind"] == "eval" and r["source"] == "all"][-1]["loss"]
+    return [r for r in rows(run) if r["kind"] == "eval" and r["source"] == "all"][-1]["loss"]
 
 
 def spread(curves: list[dict[int, float]], steps: list[int]) -> float:
@@ -52,8 +54,7 @@ def mean_at(curves: list[dict[int, float]], s: int) -> float:
 
 
 def tok_per_s(run: Path, first: int, last: int) -> float:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return statistics.median(r["tok_per_s"] for r in rows if r["kind"] == "train" and first < r["step"] <= last)
+    return statistics.median(r["tok_per_s"] for r in rows(run) if r["kind"] == "train" and first < r["step"] <= last)
 
 
 def main() -> None:
@@ -114,6 +115,7 @@ def main() -> None:
     print(f"{n}-GPU run killed after step {killed_at}, resumed on 1 GPU from step {half}: "
           f"max |resumed - mean 1 GPU| after the resume {max(abs(killed[s] - mean_at(ones, s)) for s in after):.4f} "
           f"over {len(after)} log lines; final {killed[args.steps]:.4f}")
+
 
 if __name__ == "__main__":
     main()

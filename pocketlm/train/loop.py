@@ -118,11 +118,9 @@ class Meter:
         self.loss.zero_()
         self.nonfinite.zero_()
         self.steps = self.tokens = self.skipped = 0
-        self.first = None  # the first step counted in this line
         self.t0 = time.perf_counter()
 
-    def add(self, step: int, loss_share: torch.Tensor, grad_norm: torch.Tensor, tokens: int, skipped: bool) -> None:
-        self.first = step if self.first is None else self.first
+    def add(self, loss_share: torch.Tensor, grad_norm: torch.Tensor, tokens: int, skipped: bool) -> None:
         self.loss += loss_share
         self.nonfinite += ~torch.isfinite(grad_norm)
         self.grad_norm = grad_norm
@@ -178,29 +176,28 @@ def run_phase(run: RunContext, phase: Phase, model: nn.Module, tokenizer_path: P
             for g in opt.param_groups:
                 g["lr"] = lr
             batches = micro_batches(phase.train, step, cfg.micro_batch, cfg.accum_steps, dist.rank, dist.world)
-            mode = prec.mode
             loss_share, grad_norm = train_step(train_model, opt, batches, prec, cfg.grad_clip, device, dist)
             # fp16 reads every step's grad norm (GradScaler waits for the device anyway) to count the
             # skipped steps in a row; bf16/fp32 never wait here: their non-finite steps, already skipped
             # on the device, are counted there and stop the run at the next log line.
-            skipped = mode == "fp16" and not math.isfinite(float(grad_norm))
+            skipped = prec.scaler.is_enabled() and not math.isfinite(float(grad_norm))
             if prec.after_step(not skipped):
                 run.log(f"{phase.name} step {step + 1}: fp16 overflowed {MAX_SKIPPED_STEPS} steps in a row; "
                         "continuing in fp32")
             step += 1
-            meter.add(step, loss_share, grad_norm, sum(b["x"].numel() for b in batches) * dist.world, skipped)
+            meter.add(loss_share, grad_norm, sum(b["x"].numel() for b in batches) * dist.world, skipped)
             bar.update(1)
             evaluating = step % cfg.eval_every == 0 or step == phase.steps
             # A line at every checkpoint too: a resumed run then averages the same steps per line, and
             # a non-finite step is caught before the checkpoint after it is written.
             if step % cfg.log_every == 0 or evaluating:
-                first = meter.first
+                first = step - meter.steps + 1  # the line's first step
                 rec = {"kind": "train", "step": step, "phase": phase.name, "lr": lr, **meter.read(dist),
                        "precision": prec.mode}
                 if rec.pop("nonfinite"):
                     last = phase_dir / "last"
                     raise PocketLMError(
-                        f"non-finite loss or gradient in {phase.name} steps {first}-{step} in {mode} (those "
+                        f"non-finite loss or gradient in {phase.name} steps {first}-{step} in {prec.mode} (those "
                         f"updates were skipped); last good checkpoint: {last if last.exists() else 'none'}; "
                         "lower --lr or --grad-clip and resume from it")
                 peak = peak_flops(chip, prec.mode)
