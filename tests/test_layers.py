@@ -23,7 +23,7 @@ def test_imports_follow_the_stage_order():
         [sys.executable, "-c", "from importlinter.cli import lint_imports_command; lint_imports_command()",
          "--no-cache", str(REPO / "pyproject.toml")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, f"an import breaks the stage order (see docs/ARCHITECTURE.md):\n{run.stdout}{run.stderr}"
+    assert run.returncode == 0, f"an import breaks the stage order (docs/ARCHITECTURE.md):\n{run.stdout}{run.stderr}"
     assert "1 kept, 0 broken" in run.stdout
 
 
