@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pocketlm.cache.config import DEFAULT_MIXTURE
+
 
 @dataclass
 class TrainConfig:
@@ -17,7 +19,7 @@ class TrainConfig:
     name: str = field(default="default", metadata={"help": "run folder name under runs_dir"})
     runs_dir: str = field(default="runs", metadata={"help": "where run folders live"})
     cache: str = field(default="cache/default", metadata={"help": "token cache dir from `pocketlm cache build`"})
-    pretrain_mix: tuple[str, ...] = field(default=("fineweb_edu=0.95", "roam=0.05"),
+    pretrain_mix: tuple[str, ...] = field(default=tuple(f"{n}={w}" for n, w in DEFAULT_MIXTURE.items()),
                                           metadata={"help": "pretrain sources as SOURCE=WEIGHT"})
     eval_sources: tuple[str, ...] = field(default=("wikitext",),
                                           metadata={"help": "extra sources evaluated, never trained on"})

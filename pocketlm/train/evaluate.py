@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pocketlm import PocketLMError
-
-IGNORE_INDEX = -100
+from pocketlm.format import IGNORE_INDEX
 
 
 @dataclass

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pocketlm import PocketLMError
+from pocketlm.format import IGNORE_INDEX
 from pocketlm.train import ddp, metrics
 from pocketlm.train.checkpoint import rng_state, save_checkpoint, set_rng_state
 from pocketlm.train.config import TrainConfig, config_dict
@@ -27,8 +28,6 @@ from pocketlm.train.evaluate import evaluate, greedy_text, pooled
 from pocketlm.train.optim import build_adamw
 from pocketlm.train.precision import MAX_SKIPPED_STEPS, Precision, device_name, peak_flops, resolve_precision
 from pocketlm.train.schedule import lr_at
-
-IGNORE_INDEX = -100
 
 
 @dataclass

@@ -14,12 +14,11 @@ import torch
 from tqdm import tqdm
 
 from pocketlm import PocketLMError
-from pocketlm.cache.build_cache import TOKENIZER_NAME
-from pocketlm.cache.shards import read_meta
+from pocketlm.cache.shards import check_file, read_meta
 from pocketlm.config import from_dict
 from pocketlm.model import GPT, GPTConfig
 from pocketlm.model.io import load_model
-from pocketlm.tokenizer.tokenizer_sp import Tokenizer
+from pocketlm.tokenizer.tokenizer_sp import MODEL_FILE, Tokenizer
 from pocketlm.train import ddp, metrics
 from pocketlm.train.checkpoint import load_state
 from pocketlm.train.config import TrainConfig, config_dict
@@ -49,15 +48,9 @@ def model_config(cfg: TrainConfig, overrides: dict[str, Any], vocab_size: int) -
 
 def cache_tokenizer(cache_dir: Path) -> Tokenizer:
     """The tokenizer the cache was built with: the copy inside the cache, checked against meta.json."""
-    info = read_meta(cache_dir)["tokenizer"]
-    path = cache_dir / TOKENIZER_NAME
-    if not path.is_file():
-        raise PocketLMError(f"{path} is missing: rebuild the cache with `pocketlm cache build`")
-    tok = Tokenizer.load(path)
-    if tok.hash != info["sha256"]:
-        raise PocketLMError(f"{path} is not the tokenizer {cache_dir} was built with (sha256 differs); "
-                            "rebuild the cache with `pocketlm cache build`")
-    return tok
+    path = cache_dir / MODEL_FILE
+    check_file(path, read_meta(cache_dir)["tokenizer"]["file"], verify="sha256")
+    return Tokenizer.load(path)
 
 
 def train(cfg: TrainConfig, model_overrides: dict[str, Any] | None = None, pipeline: str = "pretrain_then_sft",
