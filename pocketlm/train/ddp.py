@@ -2,7 +2,9 @@
 
 `torchrun --nproc_per_node N -m pocketlm train ...` sets RANK/WORLD_SIZE/LOCAL_RANK; then each rank
 trains on its own data stream (NCCL on CUDA, gloo on CPU) and rank 0 writes checkpoints and metrics.
-Without those variables everything here is a no-op around a single process.
+On several machines (`torchrun --nnodes M ...`) RANK and WORLD_SIZE count every process of every
+node: the data stream and the writing rank go by them; LOCAL_RANK (this node's processes) only picks
+the GPU. Without those variables everything here is a no-op around a single process.
 """
 
 from __future__ import annotations
@@ -11,12 +13,15 @@ import contextlib
 import functools
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as td
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
+
+from pocketlm import PocketLMError
 
 
 @dataclass(frozen=True)
@@ -42,7 +47,14 @@ def init_from_env(device_type: str) -> DistInfo:
 
 
 def device_for(device: torch.device, dist: DistInfo) -> torch.device:
+    """This process's device: GPU LOCAL_RANK of its own node under torchrun."""
+    if dist.enabled and device.type == "mps":
+        raise PocketLMError("several processes cannot share MPS (torch has no process-group backend for it): "
+                            "train in one process, or pass --device cpu")
     if device.type == "cuda" and dist.enabled:
+        if dist.local_rank >= torch.cuda.device_count():
+            raise PocketLMError(f"LOCAL_RANK={dist.local_rank} but this node has {torch.cuda.device_count()} CUDA "
+                                "device(s): give torchrun --nproc-per-node at most that many on this node")
         torch.cuda.set_device(dist.local_rank)
         return torch.device("cuda", dist.local_rank)
     return device
@@ -99,6 +111,20 @@ def all_reduce_count(n: int, device: torch.device, dist: DistInfo) -> int | torc
 
 def all_reduce_float(t: torch.Tensor, dist: DistInfo) -> float:
     return float(_reduce(t.detach().clone(), dist))
+
+
+def same_on_every_rank(path: Path, dist: DistInfo) -> None:
+    """Fail on every rank, with the fix, when `path` exists on some nodes only: a run folder that is not
+    shared would otherwise send the nodes down different branches (resume vs fresh) and hang them."""
+    if not dist.enabled:
+        return
+    seen: list[bool | None] = [None] * dist.world
+    td.all_gather_object(seen, path.exists())
+    if len(set(seen)) > 1:
+        has = [r for r, s in enumerate(seen) if s]
+        raise PocketLMError(f"{path} exists for rank(s) {', '.join(map(str, has))} only: every node must see the "
+                            "same run folder; put --runs-dir on storage all nodes mount, or copy the run folder "
+                            "to each node")
 
 
 def barrier(dist: DistInfo) -> None:
