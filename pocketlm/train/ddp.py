@@ -24,6 +24,9 @@ from torch.utils.checkpoint import checkpoint
 from pocketlm import PocketLMError
 
 
+COMPILED_AUTOGRAD = "pocketlm_compiled_autograd"  # set by `wrap` on the compiled module
+
+
 @dataclass(frozen=True)
 class DistInfo:
     rank: int = 0
@@ -74,25 +77,41 @@ def wrap(model: nn.Module, cfg, device: torch.device, dist: DistInfo) -> nn.Modu
     """The module the training step calls; `model` itself stays the unwrapped one that is saved.
 
     DDP first, then compiled: dynamo splits the graph at DDP's gradient buckets so their all-reduces
-    overlap the backward. Compiling first and wrapping after was slower on 2 H100s (docs/LOG.md).
+    overlap the backward (`ddp_graph_split`). Compiling first and wrapping after was slower on 2 H100s
+    (docs/LOG.md). With `compiled_autograd` the backward is compiled as well, and DDP's all-reduces
+    are traced into it (dynamo's "python_reducer") instead of splitting the forward graph.
     """
     if cfg.checkpointing:
         checkpoint_blocks(model)
+    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    if cfg.compiled_autograd and not use_compile:
+        raise PocketLMError("TrainConfig.compiled_autograd needs torch.compile: pass --compile true as well")
     wrapped: nn.Module = model
     if dist.enabled:
-        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
+        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                          bucket_cap_mb=cfg.ddp_bucket_mb, static_graph=cfg.ddp_static_graph)
     if use_compile:
+        # A process-wide dynamo setting: how a compiled DDP module is split for the all-reduce.
+        torch._dynamo.config.optimize_ddp = ("python_reducer" if cfg.compiled_autograd else
+                                             "ddp_optimizer" if cfg.ddp_graph_split else "no_optimization")
         wrapped = torch.compile(wrapped)
+        setattr(wrapped, COMPILED_AUTOGRAD, cfg.compiled_autograd)
     return wrapped
 
 
 def maybe_no_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
-    """Skip DDP's gradient all-reduce on all but the last micro-batch of a step."""
+    """The context of one micro-batch's forward and backward: DDP's gradient all-reduce skipped on all
+    but the last micro-batch of a step, and compiled autograd around both when `wrap` turned it on
+    (the backward is only compiled when it runs inside that context, with its forward)."""
+    ctx = contextlib.ExitStack()
+    if getattr(model, COMPILED_AUTOGRAD, False):
+        from torch._dynamo import compiled_autograd
+
+        ctx.enter_context(compiled_autograd._enable(functools.partial(torch.compile, dynamic=False), dynamic=False))
     inner = getattr(model, "_orig_mod", model)  # through torch.compile's wrapper
-    if sync or not isinstance(inner, DistributedDataParallel):
-        return contextlib.nullcontext()
-    return inner.no_sync()
+    if not sync and isinstance(inner, DistributedDataParallel):
+        ctx.enter_context(inner.no_sync())
+    return ctx
 
 
 def _reduce(t: torch.Tensor, dist: DistInfo) -> torch.Tensor:
