@@ -14,10 +14,15 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from pocketlm import PocketLMError
 from pocketlm.cache.build_cache import build_cache
+from pocketlm.model import GPT, GPTConfig
 from pocketlm.train import metrics
 from pocketlm.train.checkpoint import load_state
+from pocketlm.train.config import TrainConfig
+from pocketlm.train.ddp import DistInfo, device_for, wrap
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 16  # the whole curve; the two-node run trains the first half, one process the second
@@ -181,3 +186,24 @@ def test_nodes_that_see_different_run_folders_stop_with_the_fix(cache, tmp_path)
         assert "pocketlm: error: " in (log := (tmp_path / f"{runs}.log").read_text())
         assert f"{tmp_path / runs / 't' / 'pretrain' / 'last'} exists for rank(s) " in log
         assert "every node must see the same run folder" in log
+
+
+def test_a_node_with_fewer_gpus_than_processes_or_on_mps_is_told_so():
+    second_of_two = DistInfo(rank=3, world=4, local_rank=1)
+    if torch.cuda.device_count() < 2:
+        with pytest.raises(PocketLMError, match=r"LOCAL_RANK=1 but this node has \d CUDA device\(s\): give torchrun "
+                                                r"--nproc-per-node at most that many"):
+            device_for(torch.device("cuda"), second_of_two)
+    with pytest.raises(PocketLMError, match="several processes cannot share MPS"):
+        device_for(torch.device("mps"), second_of_two)
+    assert device_for(torch.device("cpu"), second_of_two) == torch.device("cpu")
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"compiled_autograd": True, "compile": False}, "compiled_autograd needs torch.compile: pass --compile true"),
+    ({"ddp_bucket_mb": 0.0}, "ddp_bucket_mb=0.0: give a size in MB above 0"),
+])
+def test_ddp_options_that_cannot_work_are_refused(options, message):
+    model = GPT(GPTConfig.tiny(vocab_size=64, block_size=16))
+    with pytest.raises(PocketLMError, match=message):
+        wrap(model, TrainConfig(**options), torch.device("cpu"), DistInfo())

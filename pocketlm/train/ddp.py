@@ -86,14 +86,18 @@ def wrap(model: nn.Module, cfg, device: torch.device, dist: DistInfo) -> nn.Modu
     use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
     if cfg.compiled_autograd and not use_compile:
         raise PocketLMError("TrainConfig.compiled_autograd needs torch.compile: pass --compile true as well")
+    if cfg.ddp_bucket_mb <= 0:
+        raise PocketLMError(f"TrainConfig.ddp_bucket_mb={cfg.ddp_bucket_mb}: give a size in MB above 0 (default 25)")
+    if use_compile:
+        # A process-wide dynamo setting, read by DDP's constructor: how a compiled DDP module is split
+        # for the all-reduce.
+        torch._dynamo.config.optimize_ddp = ("python_reducer" if cfg.compiled_autograd else
+                                             "ddp_optimizer" if cfg.ddp_graph_split else "no_optimization")
     wrapped: nn.Module = model
     if dist.enabled:
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                           bucket_cap_mb=cfg.ddp_bucket_mb, static_graph=cfg.ddp_static_graph)
     if use_compile:
-        # A process-wide dynamo setting: how a compiled DDP module is split for the all-reduce.
-        torch._dynamo.config.optimize_ddp = ("python_reducer" if cfg.compiled_autograd else
-                                             "ddp_optimizer" if cfg.ddp_graph_split else "no_optimization")
         wrapped = torch.compile(wrapped)
         setattr(wrapped, COMPILED_AUTOGRAD, cfg.compiled_autograd)
     return wrapped
