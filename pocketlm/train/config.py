@@ -54,6 +54,14 @@ class TrainConfig:
     precision: str = field(default="auto", metadata={"help": "auto | fp32 | bf16 | fp16"})
     compile: bool | None = field(default=None, metadata={"help": "torch.compile; unset: on for CUDA only"})
     checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing per block"})
+    # several processes (torchrun): how compiled DDP overlaps the gradient all-reduce with the backward
+    ddp_bucket_mb: float = field(default=25.0, metadata={"help": "DDP gradient bucket size in MB"})
+    ddp_static_graph: bool = field(default=False, metadata={"help": "DDP static_graph (the same parameters get "
+                                                                     "gradients every step)"})
+    ddp_graph_split: bool = field(default=True, metadata={"help": "with compile: split the graph at DDP's buckets so "
+                                                                  "their all-reduces overlap the backward"})
+    compiled_autograd: bool = field(default=False, metadata={"help": "with compile: compile the backward too; under "
+                                                                     "DDP its all-reduces are traced into that graph"})
     seed: int = field(default=0, metadata={"help": "model init and data order"})
 
 

@@ -76,6 +76,7 @@ def train(cfg: TrainConfig, model_overrides: dict[str, Any] | None = None, pipel
         best = phase_dir / "best"
         total = cfg.pretrain_steps if name == "pretrain" else cfg.sft_steps
         state = None
+        ddp.same_on_every_rank(phase_dir / "last", dist)
         if resume and (phase_dir / "last").exists():
             state = load_state(phase_dir / "last")
             if state["step"] >= total:
@@ -93,6 +94,7 @@ def train(cfg: TrainConfig, model_overrides: dict[str, Any] | None = None, pipel
             model = GPT(mcfg).to(device)
         else:
             start = Path(init) if init else run_dir / "pretrain" / "best"
+            ddp.same_on_every_rank(start, dist)
             if not start.exists():
                 raise PocketLMError(f"SFT starts from {start}, which does not exist: run the pretrain phase first "
                                     "or pass --init MODEL_DIR")
