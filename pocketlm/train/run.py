@@ -17,6 +17,7 @@ from pocketlm import PocketLMError
 from pocketlm.cache.build_cache import TOKENIZER_NAME
 from pocketlm.cache.shards import read_meta
 from pocketlm.config import from_dict
+from pocketlm.device import limit_mps_memory, pick_device
 from pocketlm.model import GPT, GPTConfig
 from pocketlm.model.io import load_model
 from pocketlm.tokenizer.tokenizer_sp import Tokenizer
@@ -24,7 +25,6 @@ from pocketlm.train import ddp, metrics
 from pocketlm.train.checkpoint import load_state
 from pocketlm.train.config import TrainConfig, config_dict
 from pocketlm.train.loop import RunContext, run_phase
-from pocketlm.train.precision import pick_device
 from pocketlm.train.pretrain import pretrain_phase
 from pocketlm.train.sft import sft_phase
 
@@ -69,6 +69,7 @@ def train(cfg: TrainConfig, model_overrides: dict[str, Any] | None = None, pipel
     device = ddp.device_for(pick_device(cfg.device), dist)
     run_dir = Path(cfg.runs_dir) / cfg.name
     log = tqdm.write if dist.rank == 0 else (lambda _msg: None)
+    limit_mps_memory(device, log)
     tok = cache_tokenizer(Path(cfg.cache))
     run = RunContext(cfg, run_dir, device, tok, dist, log)
     mcfg = model_config(cfg, model_overrides or {}, tok.vocab_size)
