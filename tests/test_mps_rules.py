@@ -1,6 +1,7 @@
 """MPS's rules on the CPU: the real training, evaluation, generation and serving paths run under
 `MPSRules` (the `mps_rules` fixture) and must not break them; small deliberately wrong functions show
-that the mode catches each kind of mistake that crashes or corrupts an Apple-GPU run."""
+that the mode catches each kind of mistake that crashes or corrupts an Apple-GPU run. (The fp16 steps
+with the loss scaler, an overflowed one included, run under the mode in tests/test_train_run.py.)"""
 
 from __future__ import annotations
 
@@ -144,27 +145,6 @@ def fresh_model(vocab: int) -> GPT:
     return GPT(GPTConfig.tiny(vocab_size=vocab, block_size=64))
 
 
-def test_fp16_steps_with_the_scaler_and_an_overflow(mps_rules, cache, small_tokenizer):
-    """CPU autocast in fp16 with GradScaler("cpu") stands in for MPS's; torch's scaler reciprocates
-    the scale in fp64 off MPS (fp32 on MPS), the one fp64 use the mode allows."""
-    data = PretrainData(cache, {"fineweb_edu": 1.0}, 64, 0)
-    model = fresh_model(small_tokenizer.vocab_size)
-    opt = build_adamw(model, 1e-3, 0.1, 0.95, CPU)
-    prec = Precision.create(CPU, "fp16")
-    assert prec.scaler.is_enabled()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    handle = model.blocks[0].mlp.down.weight.register_hook(lambda g: g * float("inf"))
-    _, grad_norm = train_step(model, opt, [data.batch(0, 2)], prec, 1.0, CPU, DistInfo())
-    handle.remove()
-    assert not math.isfinite(float(grad_norm))
-    assert prec.scaler.get_scale() == 2.0 ** 15
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the overflow was skipped
-    losses = [float(train_step(model, opt, [data.batch(s, 2), data.batch(s, 2, rank=1, world=2)], prec, 1.0,
-                               CPU, DistInfo())[0]) for s in range(1, 4)]
-    assert all(math.isfinite(v) for v in losses)
-    assert not torch.equal(before["blocks.0.mlp.down.weight"], model.blocks[0].mlp.down.weight)
-
-
 def test_evaluate_matches_a_host_float64_reference(mps_rules, cache, small_tokenizer):
     data = PretrainData(cache, {"fineweb_edu": 1.0}, 64, split="val")
     model = fresh_model(small_tokenizer.vocab_size)
@@ -187,9 +167,9 @@ def test_evaluate_matches_a_host_float64_reference(mps_rules, cache, small_token
 
 
 def test_pretrain_then_sft_in_miniature(mps_rules, cache, tmp_path):
-    cfg = TrainConfig(name="m", runs_dir=str(tmp_path), cache=str(cache), model="tiny", seq_len=64, micro_batch=4,
-                      accum_steps=2, pretrain_steps=12, sft_steps=12, lr=3e-3, sft_lr=1e-3, warmup_steps=2,
-                      eval_every=6, eval_batches=2, log_every=3, sample_tokens=4, device="cpu", precision="fp16",
+    cfg = TrainConfig(name="m", runs_dir=str(tmp_path), cache=str(cache), model="tiny", seq_len=64, micro_batch=2,
+                      accum_steps=2, pretrain_steps=4, sft_steps=4, lr=3e-3, sft_lr=1e-3, warmup_steps=1,
+                      eval_every=2, eval_batches=1, log_every=2, sample_tokens=2, device="cpu", precision="fp16",
                       pretrain_mix=("fineweb_edu=1.0",), eval_sources=(), sft_sources=("dolly=1.0",))
     best = train(cfg, pipeline="pretrain_then_sft")
     assert best == tmp_path / "m" / "sft" / "best"
@@ -239,3 +219,21 @@ def test_two_concurrent_server_requests(mps_rules, tiny_model):
         with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
             together = list(pool.map(lambda s: _complete(url, s), (1, 2)))
     assert together == one_by_one
+
+
+# --- the real paths with a fix taken back out fail in the mode -----------------------------------
+
+def test_a_non_blocking_batch_copy_in_the_training_step_fails(mps_rules, cache, small_tokenizer, monkeypatch):
+    monkeypatch.setattr("pocketlm.train.loop.to_device", lambda t, device: t.to(device, non_blocking=True))
+    model = fresh_model(small_tokenizer.vocab_size)
+    data = PretrainData(cache, {"fineweb_edu": 1.0}, 64, 0)
+    with pytest.raises(MPSRuleError, match="pytorch#139550"):
+        train_step(model, build_adamw(model, 1e-3, 0.1, 0.95, CPU), [data.batch(0, 2)], Precision.create(CPU, "fp32"),
+                   1.0, CPU, DistInfo())
+
+
+def test_sampling_on_the_device_fails(mps_rules, tiny_model, monkeypatch):
+    monkeypatch.setattr("pocketlm.infer.sampling.is_mps", lambda device: False)
+    model, tok = tiny_model
+    with pytest.raises(MPSRuleError, match="pytorch#192577"):
+        list(generate(model, tok, tok.encode("Once upon a time"), GEN_CONFIGS["plain"]))
