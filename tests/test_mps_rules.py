@@ -237,3 +237,15 @@ def test_sampling_on_the_device_fails(mps_rules, tiny_model, monkeypatch):
     model, tok = tiny_model
     with pytest.raises(MPSRuleError, match="pytorch#192577"):
         list(generate(model, tok, tok.encode("Once upon a time"), GEN_CONFIGS["plain"]))
+
+
+def test_a_cli_run_under_the_environment_variable(tiny_ckpt, monkeypatch, capsys):
+    from pocketlm.cli import main
+
+    args = ["generate", "--ckpt", str(tiny_ckpt), "--device", "cpu", "--prompt", "The river", "--max-new-tokens",
+            "6", "--temperature", "1.0", "--seed", "1"]
+    monkeypatch.setenv("POCKETLM_MPS_RULES", "1")
+    assert main(args) == 0
+    monkeypatch.setattr("pocketlm.infer.sampling.is_mps", lambda device: False)  # sampling back on the device
+    assert main(args) == 1
+    assert "pytorch/pytorch#192577" in capsys.readouterr().err.splitlines()[-1]
