@@ -48,3 +48,14 @@ def encode_document():
     """The pretrain format of one document written out plainly, `(tok, text) -> ids + [<|eot|>]`: the
     reference the cache's bulk encoding (`format.pretrain.encode_documents`) is held to."""
     return lambda tok, text: tok.encode(text) + [tok.eot_id]
+
+
+@pytest.fixture
+def mps_rules():
+    """The test runs under MPS's rules with the CPU as the device (pocketlm/mps_rules.py): float64 or
+    complex tensors, non_blocking copies from unpinned memory, device work from two threads at once and
+    known-bad MPS kernels raise MPSRuleError."""
+    from pocketlm.mps_rules import MPSRules
+
+    with MPSRules() as rules:
+        yield rules

@@ -22,7 +22,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from pocketlm.model.io import load_model
     from pocketlm.serve.app import create_app
-    from pocketlm.train.precision import pick_device
+    from pocketlm.device import pick_device
 
     # Load before binding the port, so a bad checkpoint fails at start with the loader's message.
     model, tok, _meta = load_model(args.ckpt, pick_device(args.device))

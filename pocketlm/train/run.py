@@ -16,6 +16,7 @@ from tqdm import tqdm
 from pocketlm import PocketLMError
 from pocketlm.cache.shards import check_file, read_meta
 from pocketlm.config import from_dict
+from pocketlm.device import limit_mps_memory, pick_device
 from pocketlm.model import GPT, GPTConfig
 from pocketlm.model.io import load_model
 from pocketlm.tokenizer.tokenizer_sp import MODEL_FILE, Tokenizer
@@ -23,7 +24,6 @@ from pocketlm.train import ddp, metrics
 from pocketlm.train.checkpoint import load_state
 from pocketlm.train.config import TrainConfig, config_dict
 from pocketlm.train.loop import RunContext, run_phase
-from pocketlm.train.precision import pick_device
 from pocketlm.train.pretrain import pretrain_phase
 from pocketlm.train.sft import sft_phase
 
@@ -62,6 +62,7 @@ def train(cfg: TrainConfig, model_overrides: dict[str, Any] | None = None, pipel
     device = ddp.device_for(pick_device(cfg.device), dist)
     run_dir = Path(cfg.runs_dir) / cfg.name
     log = tqdm.write if dist.rank == 0 else (lambda _msg: None)
+    limit_mps_memory(device, log)
     tok = cache_tokenizer(Path(cfg.cache))
     run = RunContext(cfg, run_dir, device, tok, dist, log)
     mcfg = model_config(cfg, model_overrides or {}, tok.vocab_size)
