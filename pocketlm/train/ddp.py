@@ -18,6 +18,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
+from pocketlm.model.accel import accelerated
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -69,8 +71,9 @@ def wrap(model: nn.Module, cfg, device: torch.device, dist: DistInfo) -> nn.Modu
     wrapped: nn.Module = model
     if dist.enabled:
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
-    if use_compile:
+    if accelerated(device, cfg.compile):
+        # Compiled, packed documents go through flex attention (eager flex attention would be slow).
+        model.use_flex_attention(device.type == "cuda")
         wrapped = torch.compile(wrapped)
     return wrapped
 

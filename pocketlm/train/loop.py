@@ -80,7 +80,7 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, batches: list[dict]
             with prec.autocast():
                 _, loss = model(b["x"].to(device, non_blocking=True), b["y"].to(device, non_blocking=True),
                                 positions=b["positions"].to(device, non_blocking=True),
-                                doc_ids=b["doc_ids"].to(device, non_blocking=True))
+                                doc_ids=b["doc_ids"].to(device, non_blocking=True), return_logits=False)
             # DDP averages gradients over ranks, hence the factor world to get a global token sum.
             prec.scaler.scale(loss * (n * dist.world / n_global)).backward()
         loss_share += loss.detach() * (n / n_global)
