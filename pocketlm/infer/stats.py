@@ -35,7 +35,9 @@ def token_stats(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> torch.Ten
     """
     logp = torch.log_softmax(logits.float(), dim=-1)
     entropy = -(logp.exp() * logp).sum(-1)
-    parts = [logp[chosen].reshape(1), entropy.reshape(1)]
+    # gather, not logp[chosen]: indexing with a tensor reads the index on the host (a sync, and not
+    # allowed inside a CUDA graph capture).
+    parts = [logp.gather(0, chosen.reshape(1)), entropy.reshape(1)]
     if k > 0:
         top = torch.topk(logp, k)
         parts += [top.values, top.indices.float()]

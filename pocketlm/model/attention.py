@@ -26,10 +26,14 @@ if TYPE_CHECKING:
 Mask = Union[torch.Tensor, BlockMask, None]
 
 
+@torch.compiler.disable
 def doc_block_mask(doc_ids: torch.Tensor) -> BlockMask:
     """Causal attention within each packed document of doc_ids (B, S), as a flex-attention BlockMask.
 
     Blocks wholly inside one document run as dense causal tiles, blocks across documents are skipped.
+    Built outside the compiled graph (a graph break per forward, ~1 ms): traced into the training
+    step's graph, the block mask's sort/index_put kernels failed on an H200 with torch 2.11
+    (docs/LOG.md).
     """
     B, S = doc_ids.shape
 
