@@ -41,4 +41,4 @@ def append(bench: str, device: torch.device, rows: list[dict], path: Path = RESU
              "commit": commit()}
     with open(path, "a") as f:
         for row in rows:
-            f.write(json.dumps({**stamp, **row}) + "\n")
+            f.write(json.dumps({**row, **stamp}) + "\n")

@@ -164,7 +164,10 @@ def main() -> int:
     ap.add_argument("--vocab-size", type=int)
     ap.add_argument("--json", action="store_true", help="one JSON line per mode instead of a table")
     ap.add_argument("--no-record", action="store_true", help="do not append to bench/results.jsonl")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     overrides = {k: v for k in ("n_layer", "n_embd", "n_head", "vocab_size") if (v := getattr(args, k)) is not None}
     cfg = GPTConfig.v1(**overrides)
     B = args.micro_batch or plan(cfg, args.seq_len, "mps", 16 << 30, 65536).micro_batch

@@ -101,8 +101,8 @@ class GPT(HookedModule):
         doc_ids (B, S): a token attends only to earlier tokens with the same id (packed documents).
         cache: keys/values of earlier tokens; this call appends S tokens to it (a static cache: one
         token at its device-side position).
-        return_logits=False with targets: the loss alone (logits None), computed chunk by chunk
-        without ever holding the batch's fp32 logits (`model/loss.py`): what training wants.
+        return_logits=False with targets: the loss alone (logits None), never holding the batch's fp32
+        logits: chunk by chunk in eager mode (`model/loss.py`), fused by inductor when compiled.
         """
         B, S = idx.shape
         static = cache is not None and cache.static
@@ -125,7 +125,14 @@ class GPT(HookedModule):
         h = self.ln_final(x)
         if targets is not None and not return_logits:
             flat = targets.reshape(-1)
-            total = linear_cross_entropy_sum(h.reshape(B * S, -1), self.embed.weight, flat)
+            if torch.compiler.is_compiling():
+                # Compiled, the plain loss: inductor fuses the cast and the softmax into its kernels, and
+                # the logits are no output, so no fp32 copy reaches memory. The chunked Function traced
+                # into the graph gave zero gradients on an H200 with torch 2.11 (right on the CPU).
+                logits = F.linear(h, self.embed.weight).float().view(-1, self.cfg.vocab_size)
+                total = F.cross_entropy(logits, flat, ignore_index=IGNORE_INDEX, reduction="sum")
+            else:
+                total = linear_cross_entropy_sum(h.reshape(B * S, -1), self.embed.weight, flat)
             return None, total / (flat != IGNORE_INDEX).sum().clamp(min=1)
         logits = F.linear(h, self.embed.weight).float()
         if targets is None:

@@ -50,7 +50,8 @@ class TrainConfig:
     # hardware
     device: str = field(default="auto", metadata={"help": "auto (cuda > mps > cpu) | cuda | mps | cpu"})
     precision: str = field(default="auto", metadata={"help": "auto | fp32 | bf16 | fp16"})
-    compile: bool | None = field(default=None, metadata={"help": "torch.compile + flex attention; unset: on for CUDA only (model/accel.py)"})
+    compile: bool | None = field(default=None,
+                                 metadata={"help": "torch.compile; unset: on for CUDA only (model/accel.py)"})
     checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing per block"})
     seed: int = field(default=0, metadata={"help": "model init and data order"})
 

@@ -72,8 +72,8 @@ def wrap(model: nn.Module, cfg, device: torch.device, dist: DistInfo) -> nn.Modu
     if dist.enabled:
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if accelerated(device, cfg.compile):
-        # Compiled, packed documents go through flex attention (eager flex attention would be slow).
-        model.use_flex_attention(device.type == "cuda")
+        # Packed documents keep SDPA's dense mask: flex attention (`model.use_flex_attention`) was
+        # 15% faster on an H200 but its compiled result is not yet verified (docs/LOG.md).
         wrapped = torch.compile(wrapped)
     return wrapped
 
