@@ -231,7 +231,8 @@ def main() -> None:
     for name in rows:
         prefill_ms = statistics.median(r[0] for r in runs[name])
         speeds = sorted((n - 1) / (r[1] / 1e3) for r in runs[name])
-        out.append({"row": name, "prefill_ms": round(prefill_ms, 2), "decode_tok_s": round(statistics.median(speeds), 1),
+        out.append({"row": name, "prefill_ms": round(prefill_ms, 2),
+                    "decode_tok_s": round(statistics.median(speeds), 1),
                     "decode_tok_s_min": round(speeds[0], 1), "decode_tok_s_max": round(speeds[-1], 1),
                     "warmup_s": warm[name]})
     speed = {r["row"]: r["decode_tok_s"] for r in out}

@@ -143,12 +143,14 @@ def generate(model: torch.nn.Module, tok, prompt_ids: list[int], cfg: GenConfig,
             for index in range(cfg.max_new_tokens):
                 t0 = time.perf_counter()
                 if path == "graph" and index > 0:
-                    host = slot.step(cfg, layout, rng)
+                    with guard:  # replays (and a first capture) are forwards too: one at a time
+                        host = slot.step(cfg, layout, rng)
                 else:
                     chosen, host = eager_step(ids)
                     ids = chosen.view(1, 1)
                     if path == "graph":
-                        slot.start(chosen)  # the prompt is in; later tokens go through the graph
+                        with guard:
+                            slot.start(chosen)  # the prompt is in; later tokens go through the graph
                 ms = (time.perf_counter() - t0) * 1e3
                 if index == 0:
                     gen.prefill = Prefill(len(prompt_ids), ms, cache.pos, cache.pos * bytes_per_pos)
