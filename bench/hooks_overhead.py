@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from pocketlm.infer.kv_cache import KVCache
+from pocketlm.model.kv_cache import KVCache
 from pocketlm.model import GPT, GPTConfig
 from pocketlm.model.hooks import HookPoint
 

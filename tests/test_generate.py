@@ -11,6 +11,7 @@ import torch
 
 from pocketlm import PocketLMError
 from pocketlm.infer.detok import StreamDecoder
+from pocketlm.infer.config import StatsRequest
 from pocketlm.infer.generate import generate
 from pocketlm.infer.sampling import GenConfig
 from infer_fixtures import forced_tokens, suppress_eot, tiny_ckpt, tiny_model  # noqa: F401
@@ -48,11 +49,11 @@ def test_cached_greedy_equals_uncached(endless_model, n_prompt):
     model, tok = endless_model
     prompt = tok.encode(PROMPT)[:n_prompt]
     assert len(prompt) == n_prompt
-    steps = list(generate(model, tok, prompt, GenConfig(max_new_tokens=64, temperature=0.0)))
+    steps = list(generate(model, tok, prompt, GenConfig(max_new_tokens=64, temperature=0.0), stats=StatsRequest()))
     ref_ids, ref_logprobs = uncached_greedy(model, prompt, 64, tok.eot_id)
     assert [s.id for s in steps] == ref_ids
     assert len(ref_ids) == 64
-    assert [s.logprob for s in steps] == pytest.approx(ref_logprobs, abs=1e-4)
+    assert [s.stats.logprob for s in steps] == pytest.approx(ref_logprobs, abs=1e-4)
     assert [s.cache_len for s in steps] == list(range(n_prompt, n_prompt + 64))
 
 
@@ -151,32 +152,45 @@ def test_seeded_sampling_is_reproducible(tiny_model):
 def test_signals_observe_without_changing_output(tiny_model):
     model, tok = tiny_model
     prompt = tok.encode(PROMPT)[:12]
-    plain = list(generate(model, tok, prompt, GenConfig(max_new_tokens=10, temperature=0.0)))
-    lensed = list(generate(model, tok, prompt, GenConfig(max_new_tokens=10, temperature=0.0, logit_lens=True)))
+    greedy = GenConfig(max_new_tokens=10, temperature=0.0)
+    plain = list(generate(model, tok, prompt, greedy, stats=StatsRequest()))
+    lensed = list(generate(model, tok, prompt, greedy, stats=StatsRequest(logit_lens=True)))
     # The logit lens only reads hook_resid_post: bit-identical logits.
-    assert [(s.id, s.logprob, s.entropy) for s in plain] == [(s.id, s.logprob, s.entropy) for s in lensed]
+    assert [(s.id, s.stats.logprob, s.stats.entropy) for s in plain] == \
+        [(s.id, s.stats.logprob, s.stats.entropy) for s in lensed]
     L = model.cfg.n_layer
     for s in lensed:
-        assert len(s.lens) == L and len(s.lens[0]) == 3
-        top_id, top_p = s.lens[-1][0]  # the last layer's lens is the model's own prediction
-        assert top_id == s.id and top_p == pytest.approx(math.exp(s.logprob), rel=1e-4)
-    attn = list(generate(model, tok, prompt, GenConfig(max_new_tokens=10, temperature=0.0, attn_entropy=True)))
+        assert len(s.stats.lens) == L and len(s.stats.lens[0]) == 3
+        top_id, top_p = s.stats.lens[-1][0]  # the last layer's lens is the model's own prediction
+        assert top_id == s.id and top_p == pytest.approx(math.exp(s.stats.logprob), rel=1e-4)
+    attn = list(generate(model, tok, prompt, greedy, stats=StatsRequest(attn_entropy=True)))
     # Pattern hooks switch attention to the explicit path: equal to the fused kernel to fp tolerance.
     assert [s.id for s in attn] == [s.id for s in plain]
-    assert [s.logprob for s in attn] == pytest.approx([s.logprob for s in plain], abs=1e-4)
+    assert [s.stats.logprob for s in attn] == pytest.approx([s.stats.logprob for s in plain], abs=1e-4)
     for s in attn:
-        assert len(s.attn_entropy) == L and len(s.attn_entropy[0]) == model.cfg.n_head
-        assert all(-1e-5 <= e <= math.log(s.cache_len) + 1e-5 for row in s.attn_entropy for e in row)
+        assert len(s.stats.attn_entropy) == L and len(s.stats.attn_entropy[0]) == model.cfg.n_head
+        assert all(-1e-5 <= e <= math.log(s.cache_len) + 1e-5 for row in s.stats.attn_entropy for e in row)
     first = model.cfg.n_head * [0.0]  # with one cached token, attention has nowhere else to go
-    one = list(generate(model, tok, prompt[:1], GenConfig(max_new_tokens=1, temperature=0.0, attn_entropy=True)))
-    assert one[0].attn_entropy[0] == pytest.approx(first, abs=1e-6)
+    one = list(generate(model, tok, prompt[:1], GenConfig(max_new_tokens=1, temperature=0.0),
+                        stats=StatsRequest(attn_entropy=True)))
+    assert one[0].stats.attn_entropy[0] == pytest.approx(first, abs=1e-6)
+
+
+def test_statistics_only_when_asked(tiny_model):
+    model, tok = tiny_model
+    prompt = tok.encode(PROMPT)[:6]
+    bare = list(generate(model, tok, prompt, GenConfig(max_new_tokens=5, temperature=0.0)))
+    asked = list(generate(model, tok, prompt, GenConfig(max_new_tokens=5, temperature=0.0), stats=StatsRequest()))
+    assert all(s.stats is None for s in bare)
+    assert [s.id for s in bare] == [s.id for s in asked]
+    assert all(len(s.stats.top) == 5 for s in asked)
 
 
 def test_top_alternatives_are_sorted_and_contain_greedy_choice(tiny_model):
     model, tok = tiny_model
-    steps = list(generate(model, tok, tok.encode(PROMPT)[:9], GenConfig(max_new_tokens=5, temperature=0.0,
-                                                                         top_alternatives=4)))
+    steps = list(generate(model, tok, tok.encode(PROMPT)[:9], GenConfig(max_new_tokens=5, temperature=0.0),
+                          stats=StatsRequest(top_alternatives=4)))
     for s in steps:
-        assert len(s.top) == 4 and s.top[0] == (s.id, s.logprob)
-        assert [lp for _, lp in s.top] == sorted((lp for _, lp in s.top), reverse=True)
-        assert 0.0 < s.entropy < math.log(tok.vocab_size)
+        assert len(s.stats.top) == 4 and s.stats.top[0] == (s.id, s.stats.logprob)
+        assert [lp for _, lp in s.stats.top] == sorted((lp for _, lp in s.stats.top), reverse=True)
+        assert 0.0 < s.stats.entropy < math.log(tok.vocab_size)

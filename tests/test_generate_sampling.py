@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from pocketlm import PocketLMError
-from pocketlm.infer.sampling import GenConfig, filtered_logits, make_generator, sample_next, step_stats
+from pocketlm.infer.config import StatsRequest
+from pocketlm.infer.sampling import GenConfig, filtered_logits, make_generator, sample_next
+from pocketlm.infer.stats import StatsLayout, token_stats
 
 LOGITS = torch.tensor([1.0, 2.0, 3.0, 4.0])  # softmax ≈ [0.032, 0.087, 0.237, 0.644]
 NEG = float("-inf")
@@ -41,17 +43,25 @@ def test_seeded_sampling_matches_the_distribution():
     assert [int(sample_next(LOGITS, cfg, g1)) for _ in range(20)] == [int(sample_next(LOGITS, cfg, g2)) for _ in range(20)]
 
 
-def test_step_stats_values():
-    out = step_stats(LOGITS, torch.tensor(2), k=2).tolist()
+def test_token_stats_values():
+    layout = StatsLayout(StatsRequest(top_alternatives=2), n_layer=2, n_head=2)
+    tid, stats = layout.unpack(layout.pack(LOGITS, torch.tensor(2)).tolist())
     logp = torch.log_softmax(LOGITS, 0)
     entropy = -float((logp.exp() * logp).sum())
-    assert out[0] == 2.0
-    assert out[1] == pytest.approx(float(logp[2]))
-    assert out[2] == pytest.approx(entropy)
-    assert out[3:5] == pytest.approx([float(logp[3]), float(logp[2])])
-    assert out[5:7] == [3.0, 2.0]
-    uniform = step_stats(torch.zeros(1000), torch.tensor(0), k=0).tolist()
-    assert uniform[2] == pytest.approx(math.log(1000), rel=1e-6)
+    assert tid == 2
+    assert stats.logprob == pytest.approx(float(logp[2]))
+    assert stats.entropy == pytest.approx(entropy)
+    assert [i for i, _ in stats.top] == [3, 2]
+    assert [lp for _, lp in stats.top] == pytest.approx([float(logp[3]), float(logp[2])])
+    assert stats.lens is None and stats.attn_entropy is None
+    uniform = token_stats(torch.zeros(1000), torch.tensor(0), k=0).tolist()
+    assert uniform[1] == pytest.approx(math.log(1000), rel=1e-6)
+
+
+def test_no_stats_request_sends_only_the_id():
+    layout = StatsLayout(None, n_layer=2, n_head=2)
+    packed = layout.pack(LOGITS, torch.tensor(1))
+    assert packed.tolist() == [1.0] and layout.unpack(packed.tolist()) == (1, None)
 
 
 @pytest.mark.parametrize("field, value", [("max_new_tokens", 0), ("temperature", -1.0), ("top_k", -2),

@@ -10,7 +10,7 @@ import torch
 
 from pocketlm import PocketLMError
 from pocketlm.cli import main
-from pocketlm.infer.kv_cache import KVCache
+from pocketlm.model.kv_cache import KVCache
 from pocketlm.model import GPT, GPTConfig
 from pocketlm.model.hf_bridge import export_hf, import_hf
 from pocketlm.model.io import load_model, save_model

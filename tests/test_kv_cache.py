@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pocketlm import PocketLMError
-from pocketlm.infer.kv_cache import KVCache
+from pocketlm.model.kv_cache import KVCache
 from pocketlm.model import GPT, GPTConfig
 
 
@@ -78,3 +78,25 @@ def test_doc_ids_with_cache_are_refused(model: GPT):
     cache = KVCache(model.cfg, 1, 4, "cpu", torch.float32)
     with pytest.raises(PocketLMError, match="doc_ids"):
         model(torch.zeros(1, 2, dtype=torch.long), doc_ids=torch.zeros(1, 2, dtype=torch.long), cache=cache)
+
+
+def test_static_cache_decoding_matches_the_dynamic_cache(model: GPT):
+    """The graph path's addressing (device-side position, all slots attended, the rest masked), run
+    eagerly: the same logits as the host-addressed cache at every step."""
+    torch.manual_seed(5)
+    seq = torch.randint(0, 256, (1, 12))
+    dynamic = KVCache(model.cfg, 1, 12, "cpu", torch.float32)
+    static = KVCache(model.cfg, 1, model.cfg.block_size, "cpu", torch.float32)
+    model(seq[:, :4], cache=dynamic)
+    model(seq[:, :4], cache=static)
+    static.position.fill_(static.pos)
+    static.static = True
+    for t in range(4, 12):
+        want, _ = model(seq[:, t:t + 1], cache=dynamic)
+        got, _ = model(seq[:, t:t + 1], cache=static)
+        static.position.add_(1)  # what the graph does; the host count is its owner's job
+        static.pos += 1
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert int(static.position) == static.pos == 12
+    with pytest.raises(PocketLMError, match="one token per forward"):
+        model(seq[:, :2], cache=static)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pocketlm import PocketLMError
-from pocketlm.infer.kv_cache import KVCache
+from pocketlm.model.kv_cache import KVCache
 from pocketlm.model import GPT, GPTConfig
 
 SCORE_HOOKS = ("attn.hook_attn_scores", "attn.hook_pattern")

@@ -8,6 +8,7 @@ import pytest
 from openai import OpenAI
 
 from infer_fixtures import forced_tokens, live_server, server_url, tiny_ckpt, tiny_model  # noqa: F401
+from pocketlm.infer.config import StatsRequest
 from pocketlm.infer.generate import generate
 from pocketlm.infer.sampling import GenConfig
 from pocketlm.serve.app import create_app
@@ -29,7 +30,8 @@ def test_non_streaming_matches_direct_generation(client, tiny_model):
     model, tok = tiny_model
     r = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=16, temperature=0,
                                        logprobs=True, top_logprobs=3)
-    steps = list(generate(model, tok, format_chat_tokens(tok, MESSAGES), GenConfig(max_new_tokens=16, temperature=0)))
+    steps = list(generate(model, tok, format_chat_tokens(tok, MESSAGES), GenConfig(max_new_tokens=16, temperature=0),
+                          stats=StatsRequest(top_alternatives=3)))
     shown = [s for s in steps if s.id != tok.eot_id]
     choice = r.choices[0]
     assert choice.message.role == "assistant"
@@ -38,7 +40,7 @@ def test_non_streaming_matches_direct_generation(client, tiny_model):
     assert r.usage.prompt_tokens == len(format_chat_tokens(tok, MESSAGES))
     assert r.usage.completion_tokens == len(steps)
     content = choice.logprobs.content
-    assert [c.logprob for c in content] == pytest.approx([s.logprob for s in shown], abs=1e-5)
+    assert [c.logprob for c in content] == pytest.approx([s.stats.logprob for s in shown], abs=1e-5)
     assert [bytes(c.bytes) for c in content] == [s.bytes for s in shown]
     assert all(len(c.top_logprobs) == 3 and c.top_logprobs[0].logprob >= c.logprob - 1e-6 for c in content)
 

@@ -62,7 +62,7 @@ def test_prediction_within_15_percent_of_measured_cpu_peak(micro_batch):
     out = subprocess.run(
         [sys.executable, "bench/train_step.py", "--device", "cpu", "--modes", "fp32", "--n-layer", "2",
          "--n-embd", "128", "--n-head", "4", "--vocab-size", "4000", "--seq-len", "256",
-         "--micro-batch", str(micro_batch), "--steps", "1", "--json"],
+         "--micro-batch", str(micro_batch), "--steps", "1", "--json", "--no-record"],
         cwd=REPO, check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     r = json.loads(out.stdout)
     cfg = GPTConfig.v1(n_layer=2, n_embd=128, n_head=4, vocab_size=4000)

@@ -1,4 +1,7 @@
-"""GenConfig: how to generate. Pure Python (no torch import), so the CLI can build flags from it."""
+"""GenConfig: how to generate; StatsRequest: which per-step statistics to report beside each token.
+
+Pure Python (no torch import), so the CLI can build flags from them without loading torch.
+"""
 
 from __future__ import annotations
 
@@ -16,10 +19,6 @@ class GenConfig:
     top_k: int = field(default=0, metadata={"help": "sample among the k most likely tokens; 0 = all"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass; 1.0 = off"})
     seed: int | None = field(default=None, metadata={"help": "seed for sampling; None = nondeterministic"})
-    top_alternatives: int = field(default=5, metadata={"help": "alternatives recorded per step"})
-    logit_lens: bool = field(default=False, metadata={"help": "record top tokens of every layer's residual"})
-    lens_top: int = field(default=3, metadata={"help": "tokens recorded per layer by the logit lens"})
-    attn_entropy: bool = field(default=False, metadata={"help": "record attention entropy per head"})
 
     def validate(self) -> None:
         """Raise PocketLMError naming the field at fault."""
@@ -31,6 +30,27 @@ class GenConfig:
             raise PocketLMError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise PocketLMError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(frozen=True)
+class StatsRequest:
+    """What the caller (the inspector, the OpenAI logprobs) wants to know about each generated token.
+
+    Logprob and entropy always come with a request; the rest on demand. The logit lens and attention
+    entropy read activations through hooks, which keeps that generation on the eager path.
+    """
+
+    top_alternatives: int = field(default=5, metadata={"help": "alternatives recorded per step"})
+    logit_lens: bool = field(default=False, metadata={"help": "record top tokens of every layer's residual"})
+    lens_top: int = field(default=3, metadata={"help": "tokens recorded per layer by the logit lens"})
+    attn_entropy: bool = field(default=False, metadata={"help": "record attention entropy per head"})
+
+    @property
+    def needs_hooks(self) -> bool:
+        return self.logit_lens or self.attn_entropy
+
+    def validate(self) -> None:
+        """Raise PocketLMError naming the field at fault."""
         if not 0 <= self.top_alternatives <= 50:
             raise PocketLMError(f"top_alternatives must be in [0, 50], got {self.top_alternatives}")
         if not 1 <= self.lens_top <= 20:

@@ -1,4 +1,4 @@
-"""Choosing the next token from a row of logits, and the per-step statistics the inspector shows.
+"""Choosing the next token from a row of logits (the inspector's statistics are in `infer/stats.py`).
 
 `GenConfig` (in `infer/config.py`, torch-free for the CLI) is re-exported here.
 
@@ -48,23 +48,6 @@ def sample_next(logits: torch.Tensor, cfg: GenConfig, generator: torch.Generator
     host = probs.cpu()
     with on_host():
         return torch.multinomial(host, 1, generator=generator)[0].to(logits.device)
-
-
-def step_stats(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> torch.Tensor:
-    """[chosen id, logprob(chosen), entropy, top-k logprobs..., top-k ids...] as one fp32 vector.
-
-    One vector so the decode loop pays one device->host transfer per step. Ids are exact in fp32
-    (vocabularies are far below 2**24). Numbers come from the model's own distribution (temperature 1,
-    no top-k/top-p), so they describe the model rather than the sampling settings; entropy is over the
-    full vocabulary, in nats. The raw logits are finite, so p * log p never meets -inf.
-    """
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    entropy = -(logp.exp() * logp).sum(-1)
-    parts = [chosen.float().reshape(1), logp[chosen].reshape(1), entropy.reshape(1)]
-    if k > 0:
-        top = torch.topk(logp, k)
-        parts += [top.values, top.indices.float()]
-    return torch.cat(parts)
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:

@@ -1,8 +1,9 @@
 """Causal self-attention: one code path for training, prefill and cached decode.
 
 The caller (GPT.forward) decides the masking once per forward and passes it to every layer: either
-`is_causal=True` (fast fused kernels), an explicit boolean mask (True = may attend), or neither
-(single-token decode attends to everything cached).
+`is_causal=True` (fast fused kernels), an explicit boolean mask (True = may attend), a flex-attention
+`BlockMask` (packed documents on the accelerated path), or neither (single-token decode attends to
+everything cached).
 With a cache, hook_k/hook_v/hook_rot_k see only the new tokens; scores and pattern span all keys.
 """
 
@@ -10,11 +11,12 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from pocketlm.device import is_mps
 from pocketlm.model.config import GPTConfig
@@ -22,7 +24,26 @@ from pocketlm.model.hooks import HookPoint
 from pocketlm.model.rope import apply_rope
 
 if TYPE_CHECKING:
-    from pocketlm.infer.kv_cache import KVCache
+    from pocketlm.model.kv_cache import KVCache
+
+Mask = Union[torch.Tensor, BlockMask, None]
+
+
+@torch.compiler.disable
+def doc_block_mask(doc_ids: torch.Tensor) -> BlockMask:
+    """Causal attention within each packed document of doc_ids (B, S), as a flex-attention BlockMask.
+
+    Blocks wholly inside one document run as dense causal tiles, blocks across documents are skipped.
+    Built outside the compiled graph (a graph break per forward, ~1 ms): traced into the training
+    step's graph, the block mask's sort/index_put kernels failed on an H200 with torch 2.11
+    (docs/LOG.md).
+    """
+    B, S = doc_ids.shape
+
+    def same_doc_causal(b, h, q, kv):
+        return (doc_ids[b, q] == doc_ids[b, kv]) & (q >= kv)
+
+    return create_block_mask(same_doc_causal, B, None, S, S, device=doc_ids.device)
 
 
 class CausalSelfAttention(nn.Module):
@@ -43,21 +64,31 @@ class CausalSelfAttention(nn.Module):
         self.hook_pattern = HookPoint()  # [batch, head_index, query_pos, key_pos]
         self.hook_z = HookPoint()  # [batch, pos, head_index, d_head]
 
+    def explicit(self) -> bool:
+        """Whether hooks read or edit the scores or pattern, which then have to be materialised."""
+        return self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks()
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, is_causal: bool,
-                attn_mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+                attn_mask: Mask, cache: KVCache | None) -> torch.Tensor:
         B, S, C = x.shape
-        q, k, v = self.qkv(x).view(B, S, 3, self.n_head, self.head_dim).unbind(2)
-        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
-        # Tables in the activation dtype (as HF does), so autocast never mixes fp32 q/k with bf16 v.
-        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-        q = self.hook_rot_q(apply_rope(q, cos, sin))
-        k = self.hook_rot_k(apply_rope(k, cos, sin))
+        qkv = self.qkv(x).view(B, S, 3, self.n_head, self.head_dim)
+        if any(h.has_hooks() for h in (self.hook_q, self.hook_k, self.hook_rot_q, self.hook_rot_k)):
+            q, k, v = qkv.unbind(2)
+            q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+            q = self.hook_rot_q(apply_rope(q, cos, sin))
+            k = self.hook_rot_k(apply_rope(k, cos, sin))
+        else:
+            # q and k rotated together: half the elementwise kernels of the eager path.
+            q, k = apply_rope(qkv[:, :, :2], cos.unsqueeze(2), sin.unsqueeze(2)).unbind(2)
+            v = self.hook_v(qkv[:, :, 2])
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D) for SDPA
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
         mps = is_mps(q.device)
-        if self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks() or (mps and not sdpa_trusted(q.device)):
+        if self.explicit() or (mps and not sdpa_trusted(q.device)):
             z = self._explicit(q, k, v, is_causal, attn_mask)
+        elif isinstance(attn_mask, BlockMask):
+            z = flex_attention(q, k, v, block_mask=attn_mask)
         elif mps:  # MPS SDPA kernels were wrong on non-contiguous q/k/v (pytorch#163597)
             z = F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous(), attn_mask=attn_mask,
                                                is_causal=is_causal)

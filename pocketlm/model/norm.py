@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pocketlm.model.hooks import HookPoint
@@ -16,7 +17,8 @@ class RMSNorm(nn.Module):
         self.hook_normalized = HookPoint()  # [batch, pos, d_model], before the learned gain
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        # Squares of bf16/fp16 activations overflow or lose precision; normalise in fp32, cast back.
-        normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        # Squares of bf16/fp16 activations overflow or lose precision: F.rms_norm accumulates in fp32
+        # whatever the input dtype and rounds once on output (one fused kernel on CUDA, where the
+        # hand-written form was five), which is what HF's fp32 round trip computes.
+        normed = F.rms_norm(x, (x.shape[-1],), eps=self.eps)
         return self.weight * self.hook_normalized(normed)

@@ -59,17 +59,21 @@ class RotaryEmbedding(nn.Module):
             self.cos = cos.to(self.cos)
             self.sin = sin.to(self.sin)
 
-    def forward(self, start: int, seq_len: int,
-                positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tables shaped (B or 1, seq_len, 1, D) for explicit `positions` (B, T) or for start + arange(T).
+    def forward(self, start: int, seq_len: int, positions: torch.Tensor | None,
+                dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables shaped (B or 1, seq_len, 1, D) for explicit `positions` (B, T) or for start + arange(T),
+        in `dtype` (default fp32): the dtype of q and k, as HF does, so autocast never mixes fp32 q/k
+        with bf16 v.
 
         Explicit positions are gathered on the device without a range check (that would sync with the
         host); callers keep them below `length`.
         """
         if positions is not None:
-            return self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)
-        if start + seq_len > self.length:
-            raise PocketLMError(f"positions up to {start + seq_len} exceed the RoPE table ({self.length}); "
-                                "call model.extend_context(n) first or use a shorter sequence")
-        return (self.cos[start:start + seq_len][None, :, None, :],
-                self.sin[start:start + seq_len][None, :, None, :])
+            cos, sin = self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)
+        else:
+            if start + seq_len > self.length:
+                raise PocketLMError(f"positions up to {start + seq_len} exceed the RoPE table ({self.length}); "
+                                    "call model.extend_context(n) first or use a shorter sequence")
+            cos = self.cos[start:start + seq_len][None, :, None, :]
+            sin = self.sin[start:start + seq_len][None, :, None, :]
+        return (cos, sin) if dtype is None else (cos.to(dtype), sin.to(dtype))

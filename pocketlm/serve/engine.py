@@ -20,6 +20,7 @@ import torch
 
 from pocketlm.device import DeviceLock
 from pocketlm.infer.generate import Generation, Step, generate
+from pocketlm.infer.config import StatsRequest
 from pocketlm.infer.sampling import GenConfig
 
 _END = object()
@@ -45,10 +46,11 @@ class Engine:
     def busy(self) -> bool:
         return len(self.jobs) >= self.max_active
 
-    def start(self, prompt_ids: list[int], cfg: GenConfig) -> Job:
-        """Prepare a generation; it runs (and counts as running) once `steps(job)` is consumed."""
+    def start(self, prompt_ids: list[int], cfg: GenConfig, stats: StatsRequest | None = None) -> Job:
+        """Prepare a generation; it runs (and counts as running) once `steps(job)` is consumed.
+        `stats`: the per-token statistics the caller will read from each step (None: none)."""
         cancel = threading.Event()
-        gen = generate(self.model, self.tok, prompt_ids, cfg, cancel=cancel, lock=self.lock)
+        gen = generate(self.model, self.tok, prompt_ids, cfg, stats=stats, cancel=cancel, lock=self.lock)
         return Job(f"gen-{next(self._ids)}", gen, cancel)
 
     def _finish(self, job: Job, queue: asyncio.Queue) -> None:

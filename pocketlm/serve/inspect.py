@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sse_starlette import EventSourceResponse
 
 from pocketlm.infer.generate import Generation, Step
+from pocketlm.infer.config import StatsRequest
 from pocketlm.infer.sampling import GenConfig
 from pocketlm.serve.prompt import Message, RequestError, chat_prompt, check_max_tokens, check_prompt_length
 from pocketlm.serve.tokens import TokenTable
@@ -52,13 +53,14 @@ def _event(name: str, data: dict) -> dict:
 
 
 def token_event(step: Step, table: TokenTable) -> dict:
-    data = {**table.entry(step.id, step.logprob), "index": step.index, "text": step.text,
-            "entropy": step.entropy, "top": [table.entry(i, lp) for i, lp in step.top],
+    s = step.stats  # the inspector always asks for statistics
+    data = {**table.entry(step.id, s.logprob), "index": step.index, "text": step.text,
+            "entropy": s.entropy, "top": [table.entry(i, lp) for i, lp in s.top],
             "cache_len": step.cache_len, "cache_bytes": step.cache_bytes, "ms": step.ms}
-    if step.lens is not None:
-        data["lens"] = [[{"id": i, "token": table.labels[i], "prob": p} for i, p in layer] for layer in step.lens]
-    if step.attn_entropy is not None:
-        data["attn_entropy"] = step.attn_entropy
+    if s.lens is not None:
+        data["lens"] = [[{"id": i, "token": table.labels[i], "prob": p} for i, p in layer] for layer in s.lens]
+    if s.attn_entropy is not None:
+        data["attn_entropy"] = s.attn_entropy
     return data
 
 
@@ -80,9 +82,10 @@ async def inspect(body: InspectRequest, request: Request) -> EventSourceResponse
     if state.engine.busy:
         raise RequestError(429, f"{state.engine.max_active} generations are running; retry shortly")
     cfg = GenConfig(max_new_tokens=body.max_tokens, temperature=body.temperature, top_k=body.top_k,
-                    top_p=body.top_p, seed=body.seed, top_alternatives=body.top_alternatives,
-                    logit_lens=body.logit_lens, lens_top=body.lens_top, attn_entropy=body.attn_entropy)
-    job = state.engine.start(prompt, cfg)
+                    top_p=body.top_p, seed=body.seed)
+    stats = StatsRequest(top_alternatives=body.top_alternatives, logit_lens=body.logit_lens, lens_top=body.lens_top,
+                         attn_entropy=body.attn_entropy)
+    job = state.engine.start(prompt, cfg, stats)
     table: TokenTable = state.tokens
 
     async def events():

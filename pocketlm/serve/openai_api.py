@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sse_starlette import EventSourceResponse
 
 from pocketlm.infer.generate import Step
+from pocketlm.infer.config import StatsRequest
 from pocketlm.infer.sampling import GenConfig
 from pocketlm.serve.prompt import Message, RequestError, chat_prompt, check_max_tokens
 
@@ -76,8 +77,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if state.engine.busy:
         raise RequestError(429, f"{state.engine.max_active} generations are running; retry shortly")
     cfg = GenConfig(max_new_tokens=max_tokens or state.model.cfg.block_size, temperature=body.temperature,
-                    top_p=body.top_p, seed=body.seed, top_alternatives=body.top_logprobs or 0)
-    job = state.engine.start(prompt, cfg)
+                    top_p=body.top_p, seed=body.seed)
+    # Per-token statistics only when the client asked for logprobs: without them decoding is fastest.
+    job = state.engine.start(prompt, cfg, StatsRequest(top_alternatives=body.top_logprobs or 0) if body.logprobs
+                             else None)
     head = {"id": f"chatcmpl-{job.id}", "created": int(time.time()), "model": body.model or _model_id(request),
             "system_fingerprint": None}
     table = state.tokens
@@ -87,8 +90,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         return {"token": e["token"], "logprob": e["logprob"], "bytes": e["bytes"]}
 
     def logprobs(step: Step) -> dict:
-        return {**openai_entry(step.id, step.logprob),
-                "top_logprobs": [openai_entry(i, lp) for i, lp in step.top]}
+        return {**openai_entry(step.id, step.stats.logprob),
+                "top_logprobs": [openai_entry(i, lp) for i, lp in step.stats.top]}
 
     def usage(n: int) -> dict:
         return {"prompt_tokens": len(prompt), "completion_tokens": n, "total_tokens": len(prompt) + n}

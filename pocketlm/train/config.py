@@ -52,7 +52,8 @@ class TrainConfig:
     # hardware
     device: str = field(default="auto", metadata={"help": "auto (cuda > mps > cpu) | cuda | mps | cpu"})
     precision: str = field(default="auto", metadata={"help": "auto | fp32 | bf16 | fp16"})
-    compile: bool | None = field(default=None, metadata={"help": "torch.compile; unset: on for CUDA only"})
+    compile: bool | None = field(default=None,
+                                 metadata={"help": "torch.compile; unset: on for CUDA only (model/accel.py)"})
     checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing per block"})
     # several processes (torchrun): how compiled DDP overlaps the gradient all-reduce with the backward
     ddp_bucket_mb: float = field(default=25.0, metadata={"help": "DDP gradient bucket size in MB"})

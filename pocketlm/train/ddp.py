@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 from pocketlm import PocketLMError
+from pocketlm.model.accel import accelerated
 
 
 COMPILED_AUTOGRAD = "pocketlm_compiled_autograd"  # set by `wrap` on the compiled module
@@ -83,7 +84,7 @@ def wrap(model: nn.Module, cfg, device: torch.device, dist: DistInfo) -> nn.Modu
     """
     if cfg.checkpointing:
         checkpoint_blocks(model)
-    use_compile = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    use_compile = accelerated(device, cfg.compile)
     if cfg.compiled_autograd and not use_compile:
         raise PocketLMError("TrainConfig.compiled_autograd needs torch.compile: pass --compile true as well")
     if cfg.ddp_bucket_mb <= 0:
@@ -98,6 +99,8 @@ def wrap(model: nn.Module, cfg, device: torch.device, dist: DistInfo) -> nn.Modu
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                           bucket_cap_mb=cfg.ddp_bucket_mb, static_graph=cfg.ddp_static_graph)
     if use_compile:
+        # Packed documents keep SDPA's dense mask: flex attention (`model.use_flex_attention`) was
+        # 15% faster on an H200 but its compiled result is not yet verified (docs/LOG.md).
         wrapped = torch.compile(wrapped)
         setattr(wrapped, COMPILED_AUTOGRAD, cfg.compiled_autograd)
     return wrapped

@@ -73,8 +73,7 @@ def greedy_text(model: nn.Module, tok, prompt_ids: list[int], max_new: int) -> s
     from pocketlm.infer.generate import generate
     from pocketlm.infer.sampling import GenConfig
 
-    steps = generate(model, tok, prompt_ids, GenConfig(max_new_tokens=max_new, temperature=0.0, seed=0,
-                                                       top_alternatives=0))
+    steps = generate(model, tok, prompt_ids, GenConfig(max_new_tokens=max_new, temperature=0.0, seed=0))
     return "".join(step.text for step in steps)
 
 

@@ -79,7 +79,8 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, batches: list[dict]
         with ddp.maybe_no_sync(model, sync=last):
             with prec.autocast():
                 _, loss = model(to_device(b["x"], device), to_device(b["y"], device),
-                                positions=to_device(b["positions"], device), doc_ids=to_device(b["doc_ids"], device))
+                                positions=to_device(b["positions"], device), doc_ids=to_device(b["doc_ids"], device),
+                                return_logits=False)
             # DDP averages gradients over ranks, hence the factor world to get a global token sum.
             prec.scaler.scale(loss * (n * dist.world / n_global)).backward()
         loss_share += loss.detach() * (n / n_global)

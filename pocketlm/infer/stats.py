@@ -1,0 +1,118 @@
+"""The inspector's per-step statistics, apart from generation: what to compute on the device for one
+step, and the typed record the host gets back.
+
+A step's numbers travel to the host in one fp32 vector (one device->host copy per token); `StatsLayout`
+is the only code that knows where each number sits in it. Ids are exact in fp32 (vocabularies are far
+below 2**24). Numbers describe the model's own distribution (temperature 1, before top-k/top-p), not
+the sampling settings; entropies are in nats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pocketlm.infer.config import StatsRequest
+
+
+@dataclass
+class TokenStats:
+    """What the model thought when it produced one token."""
+
+    logprob: float  # of the chosen token
+    entropy: float  # of the full next-token distribution
+    top: list[tuple[int, float]]  # the most likely tokens: (id, logprob), best first
+    lens: list[list[tuple[int, float]]] | None = None  # per layer: (id, prob), best first
+    attn_entropy: list[list[float]] | None = None  # per layer, per head: entropy of the last query
+
+
+def token_stats(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> torch.Tensor:
+    """[logprob(chosen), entropy, top-k logprobs..., top-k ids...] of fp32 logits [V], on their device.
+
+    The raw logits are finite, so p * log p never meets -inf.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    # gather, not logp[chosen]: indexing with a tensor reads the index on the host (a sync, and not
+    # allowed inside a CUDA graph capture).
+    parts = [logp.gather(0, chosen.reshape(1)), entropy.reshape(1)]
+    if k > 0:
+        top = torch.topk(logp, k)
+        parts += [top.values, top.indices.float()]
+    return torch.cat(parts)
+
+
+class StatsLayout:
+    """The step vector: [chosen id, then, with a request: token stats, logit lens, head entropies]."""
+
+    def __init__(self, req: StatsRequest | None, n_layer: int, n_head: int) -> None:
+        self.req, self.n_layer, self.n_head = req, n_layer, n_head
+
+    def pack(self, logits: torch.Tensor, chosen: torch.Tensor, signals: torch.Tensor | None = None) -> torch.Tensor:
+        """The step's vector on the device; `signals` from `Signals.compute` when the request has any."""
+        parts = [chosen.float().reshape(1)]
+        if self.req is not None:
+            parts.append(token_stats(logits, chosen, self.req.top_alternatives))
+            if signals is not None:
+                parts.append(signals)
+        return torch.cat(parts)
+
+    def unpack(self, host: list[float]) -> tuple[int, TokenStats | None]:
+        """(chosen id, its statistics or None) from the vector's host copy."""
+        tid = int(host[0])
+        req = self.req
+        if req is None:
+            return tid, None
+        k = req.top_alternatives
+        stats = TokenStats(logprob=host[1], entropy=host[2],
+                           top=[(int(i), lp) for lp, i in zip(host[3:3 + k], host[3 + k:3 + 2 * k])])
+        rest = host[3 + 2 * k:]
+        if req.logit_lens:
+            n = self.n_layer * req.lens_top
+            probs, ids = rest[:n], rest[n:2 * n]
+            stats.lens = [[(int(ids[i]), probs[i]) for i in range(l * req.lens_top, (l + 1) * req.lens_top)]
+                          for l in range(self.n_layer)]
+            rest = rest[2 * n:]
+        if req.attn_entropy:
+            stats.attn_entropy = [rest[l * self.n_head:(l + 1) * self.n_head] for l in range(self.n_layer)]
+        return tid, stats
+
+
+class Signals:
+    """Hooks that keep the last position's residual (logit lens) and attention row (head entropy),
+    and the per-step numbers made from them."""
+
+    def __init__(self, model: torch.nn.Module, req: StatsRequest | None) -> None:
+        self.model = model
+        self.req = req
+        self.captured: dict[str, torch.Tensor] = {}
+        self.hooks: list = []
+        if req is not None and req.logit_lens:
+            def keep_resid(t: torch.Tensor, hook) -> None:
+                self.captured[hook.name] = t[0, -1]  # [d_model]
+            self.hooks.append((lambda n: n.endswith(".hook_resid_post"), keep_resid))
+        if req is not None and req.attn_entropy:
+            def keep_pattern(t: torch.Tensor, hook) -> None:
+                self.captured[hook.name] = t[0, :, -1].float()  # [head, key_pos]
+            self.hooks.append((lambda n: n.endswith(".attn.hook_pattern"), keep_pattern))
+
+    def compute(self, vocab: int) -> torch.Tensor | None:
+        """Logit-lens top tokens and head entropies as one flat fp32 vector (None when neither is asked)."""
+        req, model = self.req, self.model
+        if req is None or not req.needs_hooks:
+            return None
+        parts = []
+        n_layer = model.cfg.n_layer
+        if req.logit_lens:
+            resid = torch.stack([self.captured[f"blocks.{i}.hook_resid_post"] for i in range(n_layer)])
+            # Through the same final norm and unembedding as the real output, so the last layer's lens
+            # equals the model's own prediction. Observation only: nothing is folded into the weights.
+            probs = torch.softmax(F.linear(model.ln_final(resid), model.embed.weight[:vocab]).float(), dim=-1)
+            top = torch.topk(probs, req.lens_top)
+            parts += [top.values.flatten(), top.indices.float().flatten()]
+        if req.attn_entropy:
+            pattern = torch.stack([self.captured[f"blocks.{i}.attn.hook_pattern"] for i in range(n_layer)])
+            parts.append(-torch.special.xlogy(pattern, pattern).sum(-1).flatten())
+        return torch.cat(parts)
