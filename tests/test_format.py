@@ -15,10 +15,10 @@ from pocketlm.format.sft import IGNORE_INDEX, encode_chat
 
 
 @pytest.fixture(scope="module")
-def chats(shared_data):
+def chats(data_dir):
     """Real multi-turn oasst1 threads and single-turn dolly pairs."""
-    return (list(open_source("oasst1:take=15", data_dir=shared_data))
-            + list(open_source("dolly:take=15", data_dir=shared_data)))
+    return (list(open_source("oasst1:branches=all", data_dir=data_dir))
+            + list(open_source("dolly:take=15", data_dir=data_dir)))
 
 
 def _assistant_spans(ids: list[int], tok) -> list[tuple[int, int]]:
@@ -61,8 +61,8 @@ def test_chat_without_assistant_is_rejected(small_tokenizer):
         encode_chat(small_tokenizer, [{"role": "assistant", "content": "hi"}], mask="user")
 
 
-def test_document_ends_with_boundary(shared_data, small_tokenizer):
-    docs = list(open_source("fineweb_edu:take=3", data_dir=shared_data))
+def test_document_ends_with_boundary(data_dir, small_tokenizer):
+    docs = list(open_source("fineweb_edu:take=3", data_dir=data_dir))
     for doc in docs:
         ids = encode_document(small_tokenizer, doc["text"])
         assert ids[-1] == small_tokenizer.eot_id and small_tokenizer.eot_id not in ids[:-1]

@@ -18,7 +18,7 @@ HERE = Path(__file__).resolve().parent
 # (folder, file) -> what to keep; see README.md for why each slice looks the way it does.
 FINEWEB_DOCS, FINEWEB_MAX_CHARS = 40, 2500
 DOLLY_ROWS, DOLLY_MAX_BYTES = 160, 700
-OASST1_TREES = ("33f4b2f8-c384-46e0-8bd1-0d795cc2da2b", "e4c5240b-3427-49b3-b3c1-be6163f17cd5")
+OASST1_TREES = ("33f4b2f8-c384-46e0-8bd1-0d795cc2da2b", "48d9d271-8bcd-4ea7-97b1-4aa0c90babff")
 
 
 def lines(path: Path) -> list[bytes]:
@@ -38,13 +38,14 @@ def fineweb(src: Path) -> list[bytes]:
 
 
 def dolly(src: Path) -> list[bytes]:
-    """The first two rows as they are, then the next short rows in file order."""
+    """The first ten rows as they are (two have prompts of 1-2 KB), then the next short rows in file order."""
     rows = lines(src)
-    return rows[:2] + [x for x in rows[2:] if len(x) <= DOLLY_MAX_BYTES][:DOLLY_ROWS - 2]
+    return rows[:10] + [x for x in rows[10:] if len(x) <= DOLLY_MAX_BYTES][:DOLLY_ROWS - 10]
 
 
 def oasst1(src: Path) -> list[bytes]:
-    """Two whole message trees, each with a deleted message and one that failed review."""
+    """Two whole message trees: deleted messages, messages that failed review, and (by the hash of its
+    last message id) one thread in the validation split."""
     return [x for x in lines(src) if json.loads(x)["message_tree_id"] in OASST1_TREES]
 
 
