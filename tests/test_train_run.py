@@ -38,8 +38,8 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def cache(small_tokenizer, data_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("train_cache") / "cache"
-    specs = [("fineweb_edu:take=200", "pretrain"), ("roam:take=300", "pretrain"), ("wikitext:take=100", "pretrain"),
-             ("dolly:take=400", "sft"), ("oasst1:take=80", "sft"), ("primer", "sft")]
+    specs = [("fineweb_edu:take=200", "pretrain"), ("roam:take=300", "pretrain"), ("wikitext", "eval"),
+             ("dolly:take=400", "sft"), ("oasst1:branches=all", "sft"), ("primer", "sft")]
     build_cache(small_tokenizer.path, specs, out, data_dir=data_dir, workers=1, val_fraction=0.1, progress=False)
     return out
 
