@@ -1,46 +1,255 @@
-"""Shared test fixtures. Real data comes from ../shared/data (beside the clone), read at run time."""
+"""Shared test fixtures and helpers.
+
+Data: the tests read `tests/data/` (the `data_dir` fixture), short real slices of every source laid
+out as a local mirror, so a fresh clone runs its tests with nothing beside it. The few tests that need
+the whole mirror (`../shared/data` beside the clone, or POCKETLM_SHARED_DATA) are marked `full_data`:
+they are skipped with a reason when it is absent, and fail instead when POCKETLM_REQUIRE_FULL_DATA=1
+(CI sets it, so they still run there).
+
+Inference and serving: a tiny model trained in seconds on dolly chats (`tiny_ckpt`, `tiny_model`),
+live servers around it, and helpers that steer its outputs (`forced_tokens`, `suppress_eot`).
+"""
 
 from __future__ import annotations
 
+import copy
+import json
 import os
+import socket
+import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
+FIXTURE_DATA = Path(__file__).resolve().parent / "data"
 SHARED_DATA = Path(os.environ.get("POCKETLM_SHARED_DATA", REPO.parent / "shared" / "data"))
+REQUIRE_FULL_DATA = "POCKETLM_REQUIRE_FULL_DATA"
+
+
+# --- data -------------------------------------------------------------------------------------------
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "full_data: needs the whole data mirror (../shared/data or "
+                                       "POCKETLM_SHARED_DATA); skipped without it")
+
+
+def _need_full_data() -> None:
+    """Skip (or, under POCKETLM_REQUIRE_FULL_DATA=1, fail) when the full mirror is not there."""
+    if (SHARED_DATA / "README.md").is_file():
+        return
+    why = f"full data mirror not found at {SHARED_DATA} (put shared/data beside the clone or set POCKETLM_SHARED_DATA)"
+    if os.environ.get(REQUIRE_FULL_DATA) == "1":
+        pytest.fail(f"{why}; {REQUIRE_FULL_DATA}=1 requires it")
+    pytest.skip(why)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("full_data"):
+        _need_full_data()
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The fixture corpus in tests/data, laid out as a local mirror (one folder per source)."""
+    return FIXTURE_DATA
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    if not (SHARED_DATA / "README.md").is_file():
-        pytest.fail(f"real data not found at {SHARED_DATA}: put the shared data folder beside the clone "
-                    "or set POCKETLM_SHARED_DATA")
+    """The whole mirror; tests that use it are marked full_data."""
+    _need_full_data()
     return SHARED_DATA
 
 
-def _small_corpus(data: Path) -> Iterator[str]:
-    """~1.5 MB of real text: FineWeb documents, one Gutenberg book, dolly records."""
-    import json
+class DataSet(NamedTuple):
+    """A data folder and which one it is, for tests that run on the fixture corpus and the full mirror."""
 
+    name: str  # "fixture" | "full"
+    path: Path
+
+
+@pytest.fixture(params=[pytest.param("fixture"), pytest.param("full", marks=pytest.mark.full_data)])
+def data_set(request: pytest.FixtureRequest) -> DataSet:
+    """Runs a test on tests/data and, marked full_data, on the whole mirror; it looks up its
+    expected numbers by `data_set.name`."""
+    return DataSet(request.param, FIXTURE_DATA if request.param == "fixture" else SHARED_DATA)
+
+
+def _small_corpus(data: Path) -> Iterator[str]:
+    """All the fixture's FineWeb documents, the Tom Sawyer excerpt and the dolly records (~150 KB)."""
     with (data / "fineweb_legal" / "fineweb_legal_pilot_shared.jsonl").open(encoding="utf-8") as f:
-        for _, line in zip(range(120), f):
+        for line in f:
             yield json.loads(line)["text"]
-    yield (data / "gutenberg" / "11-0.txt").read_text(encoding="utf-8-sig")
+    yield (data / "gutenberg" / "74-0.txt").read_text(encoding="utf-8-sig")
     with (data / "dolly" / "dolly_15k_from_docx.jsonl").open(encoding="utf-8") as f:
-        for _, line in zip(range(600), f):
+        for line in f:
             rec = json.loads(line)
             yield from (rec[k] for k in ("instruction", "context", "response") if rec[k])
 
 
 @pytest.fixture(scope="session")
-def small_tokenizer(shared_data: Path, tmp_path_factory: pytest.TempPathFactory):
+def small_tokenizer(data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """A 2000-piece unigram tokenizer (same lossless settings and special ids as v1), trained in seconds."""
     from pocketlm.tokenizer.tokenizer_sp import Tokenizer, train_tokenizer
 
     out = tmp_path_factory.mktemp("small_tokenizer")
-    return Tokenizer.load(train_tokenizer(_small_corpus(shared_data), vocab_size=2000, out_dir=out, seed=0))
+    return Tokenizer.load(train_tokenizer(_small_corpus(data_dir), vocab_size=2000, out_dir=out, seed=0))
+
+
+# --- a tiny trained model ---------------------------------------------------------------------------
+
+TRAIN_STEPS = 250
+BATCH, SEQ = 8, 64
+
+
+def _chats(data: Path) -> Iterator[list[dict]]:
+    """Dolly records as two-turn chats: the model learns the template and to end turns with <|eot|>."""
+    with (data / "dolly" / "dolly_15k_from_docx.jsonl").open(encoding="utf-8") as f:
+        for line in f:
+            rec = json.loads(line)
+            user = rec["instruction"] + (f"\n\n{rec['context']}" if rec["context"] else "")
+            yield [{"role": "user", "content": user}, {"role": "assistant", "content": rec["response"]}]
+
+
+def train_tiny(tok, data: Path, out_dir: Path, steps: int = TRAIN_STEPS) -> Path:
+    """Train GPTConfig.tiny on real chats for `steps` AdamW steps (a few seconds on CPU) and save it."""
+    from pocketlm.model.config import GPTConfig
+    from pocketlm.model.gpt_v1 import GPT
+    from pocketlm.model.io import save_model
+    from pocketlm.tokenizer.chat_template import render_chat
+
+    torch.manual_seed(0)
+    stream = torch.tensor([i for chat in _chats(data) for i in render_chat(tok, chat)[0]])
+    model = GPT(GPTConfig.tiny(vocab_size=tok.vocab_size))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+    # One thread: on a small shared CPU, two threads on ops this small spend their time contending.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    for _ in range(steps):
+        starts = torch.randint(0, len(stream) - SEQ - 1, (BATCH,), generator=gen)
+        rows = torch.stack([stream[s:s + SEQ + 1] for s in starts.tolist()])
+        _, loss = model(rows[:, :-1], rows[:, 1:])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    torch.set_num_threads(threads)
+    return save_model(out_dir, model, tok.path, {"train_steps": steps, "final_loss": loss.item()})
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(small_tokenizer, data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_tiny(small_tokenizer, data_dir, tmp_path_factory.mktemp("tiny_ckpt") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_ckpt: Path):
+    """(model, tok) loaded from the checkpoint on CPU, fp32."""
+    from pocketlm.model.io import load_model
+
+    model, tok, _ = load_model(tiny_ckpt, "cpu")
+    return model, tok
+
+
+@contextmanager
+def forced_tokens(model, ids: list[int]) -> Iterator[None]:
+    """Make the k-th forward of each generation (the prefill is the 0th) predict `ids[k]` overwhelmingly
+    (the last id from then on).
+
+    Done with a forward hook that adds a large bias to the last position's logits, so everything
+    downstream (sampling, logprobs, detokenization) runs on real model outputs.
+    """
+    calls = {"n": 0}
+
+    def hook(_module, _args, out):
+        logits, loss = out
+        if logits.shape[1] > 1:  # a prefill starts a new generation (test prompts are > 1 token)
+            calls["n"] = 0
+        k = min(calls["n"], len(ids) - 1)
+        calls["n"] += 1
+        logits = logits.clone()
+        logits[:, -1, ids[k]] += 1e4
+        return logits, loss
+
+    handle = model.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def suppress_eot(model, eot_id: int, delay_s: float = 0.0) -> dict:
+    """Hook the model so it never ends its turn (and sleeps `delay_s` per forward); returns a dict whose
+    "forwards" counts its forwards. Cached and uncached runs see the same change, so they stay comparable."""
+    counter = {"forwards": 0}
+
+    def hook(_module, _args, out):
+        counter["forwards"] += 1
+        time.sleep(delay_s)
+        logits, loss = out
+        logits[..., eot_id] = -1e4
+        return logits, loss
+
+    model.register_forward_hook(hook)
+    return counter
+
+
+# --- live servers -----------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def live_server(app) -> Iterator[str]:
+    """Run `app` under uvicorn on 127.0.0.1 in a thread; yields its base URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start within 30 s")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def server_url(tiny_model) -> Iterator[str]:
+    """A live server around the tiny model, shared by the HTTP and browser tests."""
+    from pocketlm.serve.app import create_app
+
+    model, tok = tiny_model
+    with live_server(create_app(model, tok, model_id="tiny")) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def slow_server(tiny_model) -> Iterator[tuple[str, dict]]:
+    """A server whose model takes 30 ms per forward and never ends its turn, for stopping generations
+    midway. Yields (url, counter): counter["forwards"] counts the model's forwards.
+    """
+    from pocketlm.serve.app import create_app
+
+    model, tok = tiny_model
+    slow = copy.deepcopy(model)
+    counter = suppress_eot(slow, tok.eot_id, delay_s=0.03)
+    with live_server(create_app(slow, tok, model_id="tiny-slow")) as url:
+        yield url, counter
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from infer_fixtures import slow_server, tiny_ckpt, tiny_model  # noqa: F401
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"

@@ -1,4 +1,5 @@
-"""Token cache build on real data: determinism, contents, integrity checks and crash safety."""
+"""Token cache build on real data (the fixture slices): determinism, contents, integrity checks and
+crash safety."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pocketlm.cache.shards import Cache, ShardWriter, token_dtype
 from pocketlm.cli import main
 
 SPECS = [("fineweb_edu:take=40", "pretrain"), ("wikitext:take=300", "eval"),
-         ("dolly:take=150", "sft"), ("oasst1:take=30", "sft")]
+         ("dolly:take=150", "sft"), ("oasst1:branches=all", "sft")]
 
 
 def _build(out: Path, tok, data: Path, workers: int, shard_tokens: int = 20_000) -> dict:
@@ -29,9 +30,9 @@ def _build(out: Path, tok, data: Path, workers: int, shard_tokens: int = 20_000)
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory, small_tokenizer, shared_data) -> Path:
+def cache(tmp_path_factory, small_tokenizer, data_dir) -> Path:
     out = tmp_path_factory.mktemp("cache")
-    _build(out, small_tokenizer, shared_data, workers=2)
+    _build(out, small_tokenizer, data_dir, workers=2)
     return out
 
 
@@ -40,9 +41,9 @@ def _tree(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_rebuild_is_byte_identical(cache, tmp_path, small_tokenizer, shared_data):
+def test_rebuild_is_byte_identical(cache, tmp_path, small_tokenizer, data_dir):
     # One worker instead of two, into another folder: the same bytes, meta.json included.
-    _build(tmp_path, small_tokenizer, shared_data, workers=1)
+    _build(tmp_path, small_tokenizer, data_dir, workers=1)
     assert _tree(tmp_path) == _tree(cache)
     assert "meta.json" in _tree(cache) and len(_tree(cache)) > 10
 
@@ -54,8 +55,9 @@ def test_contents_match_meta(cache, small_tokenizer):
     assert meta["tokenizer"]["sha256"] == small_tokenizer.hash
     assert set(meta["sources"]) == {"fineweb_edu", "wikitext", "dolly", "oasst1"}
     assert meta["sources"]["dolly"]["spec"] == "dolly:take=150"
-    # Records each source gave (wiki.test.raw holds 62 articles); the cache's own drops would count here.
-    given = {"fineweb_edu": 40, "wikitext": 62, "dolly": 150, "oasst1": 30}
+    # Records each source gave (the wiki.test.raw slice holds 2 articles, the two oasst1 trees 7 threads);
+    # the cache's own drops would count here.
+    given = {"fineweb_edu": 40, "wikitext": 2, "dolly": 150, "oasst1": 7}
     for name, src in meta["sources"].items():
         counts = src["counts"]
         assert counts["train"]["docs"] + counts["val"]["docs"] == given[name]
@@ -80,10 +82,10 @@ def test_contents_match_meta(cache, small_tokenizer):
         c.stream("roam", "train")
 
 
-def test_val_split_is_by_document_id(shared_data, small_tokenizer, cache):
+def test_val_split_is_by_document_id(data_dir, small_tokenizer, cache):
     from pocketlm.data.sources import open_source
 
-    ids = [r["id"] for r in open_source("dolly:take=150", data_dir=shared_data)]
+    ids = [r["id"] for r in open_source("dolly:take=150", data_dir=data_dir)]
     expected_val = sum(val_split("dolly", i, 0.1) == "val" for i in ids)
     assert Cache(cache).meta["sources"]["dolly"]["counts"]["val"]["docs"] == expected_val
     assert 0 < expected_val < 40
@@ -201,15 +203,33 @@ def test_missing_or_foreign_meta_is_refused(cache, tmp_path):
         Cache(bad)
 
 
-def test_killed_build_leaves_no_loadable_cache(cache, tmp_path, small_tokenizer, shared_data):
+# The rebuild stops for good after its first shard is written, and says so by creating a file: the
+# kill lands mid-build however fast or slow the machine is.
+_PAUSE_AFTER_FIRST_SHARD = """
+import pathlib, time
+from pocketlm.cache import shards
+close = shards.ShardWriter.close
+def close_then_pause(self):
+    close(self)
+    pathlib.Path({marker!r}).touch()
+    time.sleep(600)
+shards.ShardWriter.close = close_then_pause
+"""
+
+
+def test_killed_build_leaves_no_loadable_cache(cache, tmp_path, small_tokenizer, data_dir):
     out = _copy(cache, tmp_path)  # a complete cache that the killed rebuild overwrites
-    code = (f"from pocketlm.cache.build_cache import build_cache\n"
-            f"build_cache({str(small_tokenizer.path)!r}, [('fineweb_edu:take=500', 'pretrain')], {str(out)!r}, "
-            f"data_dir={str(shared_data)!r}, workers=1, shard_tokens=5000, progress=False)\n")
+    marker = tmp_path / "first_shard_written"
+    code = (_PAUSE_AFTER_FIRST_SHARD.format(marker=str(marker))
+            + f"from pocketlm.cache.build_cache import build_cache\n"
+            f"build_cache({str(small_tokenizer.path)!r}, [('fineweb_edu', 'pretrain')], {str(out)!r}, "
+            f"data_dir={str(data_dir)!r}, workers=1, shard_tokens=5000, progress=False)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while not list(out.glob("*/*.tmp")) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.002)
+    deadline = time.monotonic() + 120
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert marker.exists(), "the rebuild never wrote a shard"
+    assert list(out.glob("fineweb_edu/shard_*.bin"))  # a new shard is in place, the old meta.json is gone
     proc.send_signal(signal.SIGKILL)
     _, err = proc.communicate()
     assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]  # killed mid-build, not finished

@@ -44,10 +44,10 @@ def test_assistant_mask(small_tokenizer: Tokenizer) -> None:
     assert ids[-1] == tok.asst_id and sum(mask) == 0
 
 
-def test_mask_on_real_dolly_chats(small_tokenizer: Tokenizer, shared_data: Path) -> None:
+def test_mask_on_real_dolly_chats(small_tokenizer: Tokenizer, data_dir: Path) -> None:
     tok = small_tokenizer
-    with (shared_data / "dolly" / "dolly_15k_from_docx.jsonl").open(encoding="utf-8") as f:
-        rows = [json.loads(line) for _, line in zip(range(200), f)]
+    with (data_dir / "dolly" / "dolly_15k_from_docx.jsonl").open(encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
     for r in rows:
         user = r["instruction"] + ("\n\n" + r["context"] if r["context"] else "")
         ids, mask = render_chat(tok, [{"role": "user", "content": user},

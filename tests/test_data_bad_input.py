@@ -14,8 +14,8 @@ from pocketlm.data.sources import SourceStats, open_source
 
 
 @pytest.fixture()
-def dolly_lines(shared_data):
-    with (shared_data / "dolly" / "dolly_15k_from_docx.jsonl").open(encoding="utf-8") as fh:
+def dolly_lines(data_dir):
+    with (data_dir / "dolly" / "dolly_15k_from_docx.jsonl").open(encoding="utf-8") as fh:
         return [next(fh) for _ in range(4)]
 
 

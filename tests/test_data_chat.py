@@ -1,4 +1,7 @@
-"""Chat sources on the real mirrors: dolly, oasst1 (threads vs the source trees) and the shipped primer."""
+"""Chat sources on real data: dolly, oasst1 (threads vs the source trees) and the shipped primer.
+
+Each loader test runs on the fixture slices and, marked full_data, on the whole mirror.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +11,16 @@ import pytest
 
 from pocketlm.data.sources import SourceStats, open_source
 
+# What each data set holds, counted from the source rows: English root prompts with an answer, the
+# threads of `branches=all`, deleted messages, and (not deleted) messages that failed review.
+OASST1 = {"fixture": {"best": 2, "all": 7, "deleted": 1, "failed review": 3},
+          "full": {"best": 182, "all": 883, "deleted": 40, "failed review": 43}}
+DOLLY_RECORDS = {"fixture": 160, "full": 14515}
 
-@pytest.fixture(scope="module")
-def oasst_rows(shared_data):
-    path = shared_data / "oasst1" / "oasst1_validation_en.jsonl"
+
+@pytest.fixture()
+def oasst_rows(data_set):
+    path = data_set.path / "oasst1" / "oasst1_validation_en.jsonl"
     return {r["message_id"]: r for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
 
 
@@ -30,11 +39,13 @@ def _check_thread(rec, rows):
     assert rec["id"] == ids[-1]
 
 
-def test_oasst1_best_threads_follow_the_source_trees(shared_data, oasst_rows):
+def test_oasst1_best_threads_follow_the_source_trees(data_set, oasst_rows):
     stats = SourceStats()
-    recs = list(open_source("oasst1", data_dir=shared_data, stats=stats))
-    assert len(recs) == 182  # one per English root prompt
-    assert stats.dropped == {"message: deleted": 40, "message: failed review": 43}
+    recs = list(open_source("oasst1", data_dir=data_set.path, stats=stats))
+    want = OASST1[data_set.name]
+    assert len(recs) == want["best"]  # one per English root prompt
+    assert stats.dropped == {"message: deleted": want["deleted"], "message: failed review": want["failed review"]}
+    assert len(recs) == sum(r["parent_id"] is None for r in oasst_rows.values())
     for rec in recs:
         _check_thread(rec, oasst_rows)
         # The best branch: no usable sibling of a chosen assistant reply has a better (lower) rank.
@@ -46,11 +57,12 @@ def test_oasst1_best_threads_follow_the_source_trees(shared_data, oasst_rows):
                 assert row["rank"] == min(r["rank"] for r in siblings)
 
 
-def test_oasst1_all_branches(shared_data, oasst_rows):
+def test_oasst1_all_branches(data_set, oasst_rows):
     stats = SourceStats()
-    recs = list(open_source("oasst1:branches=all", data_dir=shared_data, stats=stats))
-    assert len(recs) == 883
-    assert len({tuple(r["meta"]["message_ids"]) for r in recs}) == 883
+    recs = list(open_source("oasst1:branches=all", data_dir=data_set.path, stats=stats))
+    want = OASST1[data_set.name]["all"]
+    assert len(recs) == want
+    assert len({tuple(r["meta"]["message_ids"]) for r in recs}) == want
     for rec in recs:
         _check_thread(rec, oasst_rows)
     # Every kept assistant reply is the end of, or inside, some thread.
@@ -60,9 +72,11 @@ def test_oasst1_all_branches(shared_data, oasst_rows):
     assert kept_replies - used == set()
 
 
-def test_oasst1_orphans_are_counted_not_emitted(shared_data, oasst_rows, tmp_path):
-    tree = "e0cf4fa2-e944-44fb-b502-11f155062092"
-    lines = [json.dumps(r) for r in oasst_rows.values() if r["message_tree_id"] == tree and r["parent_id"]]
+def test_oasst1_orphans_are_counted_not_emitted(data_dir, tmp_path):
+    path = data_dir / "oasst1" / "oasst1_validation_en.jsonl"
+    oasst_rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+    tree = oasst_rows[0]["message_tree_id"]
+    lines = [json.dumps(r) for r in oasst_rows if r["message_tree_id"] == tree and r["parent_id"]]
     kept = [json.loads(x) for x in lines]
     (tmp_path / "oasst1").mkdir()
     (tmp_path / "oasst1" / "no_root.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -74,10 +88,11 @@ def test_oasst1_orphans_are_counted_not_emitted(shared_data, oasst_rows, tmp_pat
     assert stats.dropped["message: orphan (parent not in the data)"] > 0
 
 
-def test_dolly_context_goes_into_the_user_turn(shared_data):
+def test_dolly_context_goes_into_the_user_turn(data_set):
     stats = SourceStats()
-    recs = list(open_source("dolly", data_dir=shared_data, stats=stats))
-    assert stats.records == 14515 and not stats.dropped
+    recs = list(open_source("dolly", data_dir=data_set.path, stats=stats))
+    n = DOLLY_RECORDS[data_set.name]
+    assert stats.records == n and not stats.dropped
     first, second = recs[0], recs[1]
     user = first["messages"][0]["content"]
     assert user.startswith("When did Virgin Australia start operating?\n\nContext:\nVirgin Australia, the trading")
@@ -85,7 +100,7 @@ def test_dolly_context_goes_into_the_user_turn(shared_data):
                                     "31 August 2000 as Virgin Blue, with two aircraft on a single route."}
     assert second["messages"][0]["content"] == "Which is a species of fish? Tope or Rope"
     assert first["meta"] == {"category": None}
-    assert [m["role"] for r in recs for m in r["messages"]] == ["user", "assistant"] * 14515
+    assert [m["role"] for r in recs for m in r["messages"]] == ["user", "assistant"] * n
 
 
 def test_shipped_primer_is_valid():

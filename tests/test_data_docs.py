@@ -1,4 +1,7 @@
-"""Document sources on the real mirrors: fineweb_edu (via fineweb_legal), gutenberg, wikitext, embedded."""
+"""Document sources on real data: fineweb_edu (via fineweb_legal), gutenberg, wikitext, embedded.
+
+The loader tests run on the fixture slices and, marked full_data, on the whole mirror.
+"""
 
 from __future__ import annotations
 
@@ -10,34 +13,40 @@ import pytest
 from pocketlm import PocketLMError
 from pocketlm.data.sources import SourceStats, open_source
 
+# Gutenberg paragraphs-documents, books and books that are not valid UTF-8 (the pg*.txt files).
+GUTENBERG = {"fixture": {"records": 13, "books": {"74-0", "pg1342"}, "cp1252": 1},
+             "full": {"records": 1481, "books": {"11-0", "1661-0", "174-0", "1952-0", "2542-0", "74-0", "pg1342",
+                                                 "pg2701", "pg37106", "pg64317", "pg84"}, "cp1252": 5}}
 
-def test_fineweb_edu_falls_back_to_fineweb_legal(shared_data, capsys):
-    recs = list(open_source("fineweb_edu:take=5", data_dir=shared_data))
+
+def test_fineweb_edu_falls_back_to_fineweb_legal(data_set, capsys):
+    recs = list(open_source("fineweb_edu:take=5", data_dir=data_set.path))
     err = capsys.readouterr().err
-    assert err == (f"fineweb_edu: reading the local mirror {shared_data / 'fineweb_legal'} "
+    assert err == (f"fineweb_edu: reading the local mirror {data_set.path / 'fineweb_legal'} "
                    "(fineweb_edu/ has no data files)\n")
-    with (shared_data / "fineweb_legal" / "fineweb_legal_pilot_shared.jsonl").open(encoding="utf-8") as fh:
+    with (data_set.path / "fineweb_legal" / "fineweb_legal_pilot_shared.jsonl").open(encoding="utf-8") as fh:
         first = [json.loads(next(fh)) for _ in range(5)]
     assert [r["id"] for r in recs] == [r["id"] for r in first]
     assert [r["text"] for r in recs] == [r["text"] for r in first]
-    assert recs[0]["meta"] == {"url": "http://bbwk.org/", "score": 3}
+    assert recs[0]["meta"] == {"url": first[0]["url"], "score": first[0]["score"]}
+    assert set(first[0]) > {"id", "text", "url", "score"}  # the other fields are left out of meta
 
 
-def test_fineweb_edu_min_score_and_explicit_mirror(shared_data, capsys):
+def test_fineweb_edu_min_score_and_explicit_mirror(data_dir, capsys):
     stats = SourceStats()
-    recs = list(open_source("fineweb_edu:mirror=fineweb_legal,min_score=4,take=50", data_dir=shared_data,
+    recs = list(open_source("fineweb_edu:mirror=fineweb_legal,min_score=4,take=10", data_dir=data_dir,
                             stats=stats))
     assert capsys.readouterr().err == ""  # an explicit mirror needs no note
-    assert len(recs) == 50 and all(r["meta"]["score"] >= 4 for r in recs)
+    assert len(recs) == 10 and all(r["meta"]["score"] >= 4 for r in recs)
     assert sum(stats.dropped.values()) > 0 and list(stats.dropped) == ["score below min_score=4"]
     with pytest.raises(PocketLMError, match="no .jsonl/.json/.parquet files"):
-        list(open_source("fineweb_edu:mirror=fineweb_edu", data_dir=shared_data))
+        list(open_source("fineweb_edu:mirror=fineweb_edu", data_dir=data_dir))
     with pytest.raises(PocketLMError, match=r"mirror=nope needs a folder DATA_DIR/nope/"):
-        list(open_source("fineweb_edu:mirror=nope", data_dir=shared_data))
+        list(open_source("fineweb_edu:mirror=nope", data_dir=data_dir))
 
 
-def test_fineweb_edu_prefers_its_own_folder_and_notes_missing_scores(shared_data, tmp_path):
-    src = shared_data / "fineweb_legal" / "fineweb_legal_pilot_shared.jsonl"
+def test_fineweb_edu_prefers_its_own_folder_and_notes_missing_scores(data_dir, tmp_path):
+    src = data_dir / "fineweb_legal" / "fineweb_legal_pilot_shared.jsonl"
     with src.open(encoding="utf-8") as fh:
         rows = [json.loads(next(fh)) for _ in range(6)]
     (tmp_path / "fineweb_edu").mkdir()
@@ -52,13 +61,13 @@ def test_fineweb_edu_prefers_its_own_folder_and_notes_missing_scores(shared_data
     assert stats.notes == {"min_score not applied: record has no int_score/score field": 6}
 
 
-def test_gutenberg_strips_licence_and_splits_at_paragraphs(shared_data):
+def test_gutenberg_strips_licence_and_splits_at_paragraphs(data_set):
     stats = SourceStats()
-    recs = list(open_source("gutenberg", data_dir=shared_data, stats=stats))
-    assert stats.records == 1481 and stats.notes == {"book decoded as cp1252 (not valid UTF-8)": 5}
-    books = {r["meta"]["book"] for r in recs}
-    assert books == {"11-0", "1661-0", "174-0", "1952-0", "2542-0", "74-0", "pg1342", "pg2701", "pg37106",
-                     "pg64317", "pg84"}
+    recs = list(open_source("gutenberg", data_dir=data_set.path, stats=stats))
+    want = GUTENBERG[data_set.name]
+    assert stats.records == want["records"]
+    assert stats.notes == {"book decoded as cp1252 (not valid UTF-8)": want["cp1252"]}
+    assert {r["meta"]["book"] for r in recs} == want["books"]
     for r in recs:
         assert "\r" not in r["text"] and "\ufeff" not in r["text"] and "\ufffd" not in r["text"]
         assert "*** START OF" not in r["text"] and "*** END OF" not in r["text"]
@@ -67,16 +76,25 @@ def test_gutenberg_strips_licence_and_splits_at_paragraphs(shared_data):
     by_id = {r["id"]: r["text"] for r in recs}
     assert "Reading Jane’s Letters" in by_id["pg1342-0"]  # Windows-1252 quote decoded
     assert by_id["74-0-0"].startswith("THE ADVENTURES OF TOM SAWYER")
-    small = list(open_source("gutenberg:chars=1000,path=" + str(shared_data / "gutenberg" / "1952-0.txt")))
-    assert len(small) > 8 and all(len(r["text"]) <= 1000 for r in small)
-    assert "\n\n".join(r["text"] for r in small) == "\n\n".join(by_id[f"1952-0-{i}"] for i in range(8))
+    # The same book cut into smaller documents holds the same lines in the same order (a paragraph
+    # longer than `chars` is cut at a line end).
+    small = list(open_source("gutenberg:chars=1000,path=" + str(data_set.path / "gutenberg" / "74-0.txt")))
+    big = [text for i, text in by_id.items() if i.startswith("74-0-")]
+    assert len(small) > len(big) and all(len(r["text"]) <= 1000 for r in small)
+
+    def lines(texts: list[str]) -> list[str]:
+        return [line for t in texts for line in t.split("\n") if line]
+    assert lines([r["text"] for r in small]) == lines(big)
 
 
-def test_wikitext_one_document_per_article(shared_data):
-    raw = (shared_data / "wikitext" / "wiki.test.raw").read_text(encoding="utf-8").splitlines()
+WIKITEXT_ARTICLES = {"fixture": 2, "full": 62}
+
+
+def test_wikitext_one_document_per_article(data_set):
+    raw = (data_set.path / "wikitext" / "wiki.test.raw").read_text(encoding="utf-8").splitlines()
     titles = [m.group(1) for m in (re.match(r"^ = ([^=].*) = $", x) for x in raw) if m]
-    recs = list(open_source("wikitext", data_dir=shared_data))
-    assert len(recs) == len(titles) == 62
+    recs = list(open_source("wikitext", data_dir=data_set.path))
+    assert len(recs) == len(titles) == WIKITEXT_ARTICLES[data_set.name]
     assert [r["meta"]["title"] for r in recs] == titles
     assert recs[0]["text"].startswith("Robert Boulter\n\nRobert Boulter is an English film , television")
     assert "\n\n= = Career = =\n\n" in recs[0]["text"]

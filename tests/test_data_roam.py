@@ -1,4 +1,8 @@
-"""The Roam loader on the real export: outline, nested children, block references across pages, zip."""
+"""The Roam loader on an export: outline, nested children, block references across pages, zip.
+
+The export tests run on the hand-written fixture graph (tests/data/roam/) and, marked full_data, on the
+real export of Roam's help graph.
+"""
 
 from __future__ import annotations
 
@@ -12,15 +16,22 @@ from pocketlm import PocketLMError
 from pocketlm.data.sources import SourceStats, open_source
 
 
-@pytest.fixture(scope="module")
-def export(shared_data):
-    return shared_data / "roam" / "roam_help_graph_2024-12-10.json"
+# Pages with text, pages without, block references resolved, and the fewest whole-block references
+# (in all / to another page) the cross-page check must find.
+COUNTS = {"fixture": {"records": 3, "empty": 3, "resolved": 7, "checked": 3, "across": 2},
+          "full": {"records": 167, "empty": 1096, "resolved": 268, "checked": 20, "across": 5}}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
+def export(data_set):
+    (path,) = (data_set.path / "roam").glob("*.json")
+    return data_set.name, path
+
+
+@pytest.fixture()
 def docs(export):
     stats = SourceStats()
-    return {r["id"]: r for r in open_source(f"roam:path={export}", stats=stats)}, stats
+    return {r["id"]: r for r in open_source(f"roam:path={export[1]}", stats=stats)}, stats
 
 
 def _blocks(node, page_uid, depth=0):
@@ -29,17 +40,53 @@ def _blocks(node, page_uid, depth=0):
         yield from _blocks(b, page_uid, depth + 1)
 
 
-def test_counts_and_plain_text(docs):
+def test_counts_and_plain_text(export, docs):
     by_id, stats = docs
-    assert stats.records == len(by_id) == 167
-    assert stats.dropped == {"empty page": 1096}
-    assert stats.notes["block reference resolved"] == 268
+    want = COUNTS[export[0]]
+    assert stats.records == len(by_id) == want["records"]
+    assert stats.dropped == {"empty page": want["empty"]}
+    assert stats.notes["block reference resolved"] == want["resolved"]
     for r in by_id.values():  # "[[" alone still occurs inside code blocks
         assert not re.search(r"\[\[[^\[\]\n]*\]\]|#\[\[|\(\([\w-]{9}\)\)", r["text"])
 
 
-def test_nested_outline(docs):
-    by_id, _ = docs
+def test_nested_outline_of_the_fixture_graph(data_dir):
+    stats = SourceStats()
+    by_id = {r["id"]: r["text"] for r in open_source("roam", data_dir=data_dir, stats=stats)}
+    # Both key styles (`refs` and `:block/refs`, `props` and `:block/props`) are in the file; only
+    # `string`, `uid` and `children` make the text.
+    assert by_id["pSourDgh1"] == (
+        "Sourdough\n\n"
+        "- Starter feeding::\n"
+        "  - Feed 1:1:1 by weight: flour, water, starter\n"
+        "  - Ready when it doubles in 4-6 hours; set the Kitchen Timer\n"
+        "    - In winter it sits on top of the fridge warmth\n"
+        "- Bake day\n"
+        "  - TODO preheat the Dutch oven for 45 minutes\n"
+        "  - Score the loaf at a shallow angle with a lame blade\n"
+        "- Hydration is the share of water: Feed 1:1:1 by weight: flour, water, starter\n"
+        "  - Starter feeding::")
+    # References to another page, an alias, an embed macro, and a reference to a missing block.
+    assert by_id["pKTimer01"] == (
+        "Kitchen Timer\n\n"
+        "- Used for: Ready when it doubles in 4-6 hours; set the Kitchen Timer\n"
+        "- Feed 1:1:1 by weight: flour, water, starter\n"
+        "- Keep the feeding ratio on the door\n"
+        "- Bake day\n"
+        "- An old note pointed at  here")
+    # A daily-notes page: four levels deep, and a multi-line block aligned under its first line.
+    assert by_id["12-01-2026"].endswith(
+        "    - Next time: a longer bulk ferment\n"
+        "      - Feed 1:1:1 by weight: flour, water, starter\n"
+        "- Timer script:\n  ```python\n  print(\"bake\")\n  ```")
+    assert stats.notes["block reference to a block not in the export (removed)"] == 1
+    assert stats.notes["blocks in the pages given"] == 19
+
+
+@pytest.mark.full_data
+def test_nested_outline_of_the_real_export(shared_data):
+    path = shared_data / "roam" / "roam_help_graph_2024-12-10.json"
+    by_id = {r["id"]: r for r in open_source(f"roam:path={path}")}
     assert by_id["RA1UXmzp0"]["text"].startswith(
         "roam/css\n\n- #.rm-g\n  - From having a dark theme to opening multiple panels, with a few clicks")
     assert "\n- Community Videos::\n  - How to do color tagging in Roam by Zack Fan\n    - https://www.youtube" \
@@ -48,7 +95,7 @@ def test_nested_outline(docs):
 
 def test_block_references_resolve_across_pages(export, docs):
     by_id, _ = docs
-    pages = json.loads(export.read_text(encoding="utf-8"))
+    pages = json.loads(export[1].read_text(encoding="utf-8"))
     where = {b["uid"]: (b.get("string", ""), page["uid"]) for page in pages for b, _, _ in _blocks(page, page["uid"])}
     checked = across = 0
     for page in pages:
@@ -60,7 +107,7 @@ def test_block_references_resolve_across_pages(export, docs):
             assert f"\n{'  ' * depth}- {target.strip()}" in by_id[page_uid]["text"]
             checked += 1
             across += target_page != page_uid
-    assert checked >= 20 and across >= 5
+    assert checked >= COUNTS[export[0]]["checked"] and across >= COUNTS[export[0]]["across"]
 
 
 def test_markup_becomes_words(tmp_path):

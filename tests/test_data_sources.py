@@ -59,7 +59,7 @@ def test_take_and_stats_count_characters():
     assert stats.summary("primer").startswith(f"primer: 3 records, {stats.characters:,} characters")
 
 
-def test_hub_path_pointed_at_local_files_matches_the_mirror(shared_data, monkeypatch):
+def test_hub_path_pointed_at_local_files_matches_the_mirror(data_dir, monkeypatch):
     """The hub branch calls datasets.load_dataset(hub_id, ...); only the location is swapped here."""
     calls = []
     real = datasets.load_dataset
@@ -70,18 +70,18 @@ def test_hub_path_pointed_at_local_files_matches_the_mirror(shared_data, monkeyp
 
     monkeypatch.setattr(datasets, "load_dataset", spy)
     monkeypatch.delenv(sources.DATA_DIR_ENV, raising=False)
-    local = str(shared_data / "oasst1")
+    local = str(data_dir / "oasst1")
     monkeypatch.setitem(sources.SOURCES, "oasst1", dataclasses.replace(sources.SOURCES["oasst1"], hub_id=local))
     via_hub = list(open_source("oasst1:split=validation"))
     assert calls == [(local, "validation", True)]
-    via_mirror = list(open_source("oasst1", data_dir=shared_data))
+    via_mirror = list(open_source("oasst1", data_dir=data_dir))
     assert calls[1][0] == "json" and calls[1][2] is True
-    assert len(via_hub) == 182
+    assert len(via_hub) == 2  # the fixture's two message trees
     assert [r["messages"] for r in via_hub] == [r["messages"] for r in via_mirror]
 
 
-def test_data_dir_from_environment(shared_data, monkeypatch):
-    monkeypatch.setenv(sources.DATA_DIR_ENV, str(shared_data))
+def test_data_dir_from_environment(data_dir, monkeypatch):
+    monkeypatch.setenv(sources.DATA_DIR_ENV, str(data_dir))
     rec = next(open_source("dolly:take=1"))
     assert rec["messages"][0]["content"].startswith("When did Virgin Australia start operating?")
 
@@ -101,14 +101,14 @@ def test_offline_hub_is_one_line_with_the_flag(monkeypatch, capsys):
     assert "pass --data-dir DIR (or set POCKETLM_DATA_DIR) where DIR/dolly/ holds a local copy" in lines[0]
 
 
-def test_cli_show_prints_json_lines_and_counts(shared_data, capsys):
-    assert main(["data", "show", "oasst1:branches=all", "--data-dir", str(shared_data), "--take", "4"]) == 0
+def test_cli_show_prints_json_lines_and_counts(data_dir, capsys):
+    assert main(["data", "show", "oasst1:branches=all", "--data-dir", str(data_dir), "--take", "4"]) == 0
     out, err = capsys.readouterr()
     recs = [json.loads(line) for line in out.splitlines()]
     assert len(recs) == 4 and all(r["source"] == "oasst1" for r in recs)
     chars = sum(len(m["content"]) for r in recs for m in r["messages"])
     assert err.splitlines()[0] == f"oasst1:branches=all,take=4: 4 records, {chars:,} characters"
-    assert "dropped 40: message: deleted" in err and "dropped 43: message: failed review" in err
+    assert "dropped 1: message: deleted" in err and "dropped 3: message: failed review" in err
 
 
 def test_cli_list_names_every_source(capsys):

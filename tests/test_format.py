@@ -18,10 +18,10 @@ from pocketlm.model.gpt_v1 import _attention_mask
 
 
 @pytest.fixture(scope="module")
-def chats(shared_data):
+def chats(data_dir):
     """Real multi-turn oasst1 threads and single-turn dolly pairs."""
-    return (list(open_source("oasst1:take=15", data_dir=shared_data))
-            + list(open_source("dolly:take=15", data_dir=shared_data)))
+    return (list(open_source("oasst1:branches=all", data_dir=data_dir))
+            + list(open_source("dolly:take=15", data_dir=data_dir)))
 
 
 def _assistant_spans(ids: list[int], tok) -> list[tuple[int, int]]:
@@ -64,8 +64,8 @@ def test_chat_without_assistant_is_rejected(small_tokenizer):
         encode_chat(small_tokenizer, [{"role": "assistant", "content": "hi"}], mask="user")
 
 
-def test_document_ends_with_boundary(shared_data, small_tokenizer):
-    docs = list(open_source("fineweb_edu:take=3", data_dir=shared_data))
+def test_document_ends_with_boundary(data_dir, small_tokenizer):
+    docs = list(open_source("fineweb_edu:take=3", data_dir=data_dir))
     for doc, ids in zip(docs, encode_documents(small_tokenizer, [d["text"] for d in docs])):
         ids = ids.tolist()
         assert ids[-1] == small_tokenizer.eot_id and small_tokenizer.eot_id not in ids[:-1]

@@ -14,7 +14,7 @@ from pocketlm.infer.detok import StreamDecoder
 from pocketlm.infer.config import StatsRequest
 from pocketlm.infer.generate import generate
 from pocketlm.infer.sampling import GenConfig
-from infer_fixtures import forced_tokens, suppress_eot, tiny_ckpt, tiny_model  # noqa: F401
+from conftest import forced_tokens, suppress_eot
 
 PROMPT = ("Alice was beginning to get very tired of sitting by her sister on the bank, and of having "
           "nothing to do: once or twice she had peeped into the book her sister was reading")

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from infer_fixtures import forced_tokens, tiny_ckpt, tiny_model  # noqa: F401
+from conftest import forced_tokens
 from pocketlm import PocketLMError
 from pocketlm.cli import main
 from pocketlm.infer.chat import ChatSession

@@ -105,7 +105,7 @@ def test_two_concurrent_generations_match_sequential():
             return bytes(i % 256 for i in ids).decode("latin-1")
 
     tok = Tok()
-    cfgs = [GenConfig(max_new_tokens=24, temperature=1.0, top_k=50, seed=s, top_alternatives=3) for s in (1, 2)]
+    cfgs = [GenConfig(max_new_tokens=24, temperature=1.0, top_k=50, seed=s) for s in (1, 2)]
     prompts = [[10, 11, 12, 13], [20, 21, 22]]
     alone = [[s.id for s in generate(model, tok, p, c)] for p, c in zip(prompts, cfgs)]
     lock, results, errors = DeviceLock(), [None, None], []

@@ -15,10 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from infer_fixtures import live_server, tiny_ckpt, tiny_model  # noqa: F401
+from conftest import live_server
 from pocketlm.cache.build_cache import build_cache
 from pocketlm.cache.dataset import PretrainData
 from pocketlm.device import DeviceLock, is_mps
+from pocketlm.infer.config import StatsRequest
 from pocketlm.infer.generate import generate
 from pocketlm.infer.sampling import GenConfig
 from pocketlm.model import GPT, GPTConfig
@@ -133,10 +134,10 @@ def test_rules_are_off_outside_the_mode_and_switch_the_mps_branches():
 # --- the real paths follow the rules -------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def cache(small_tokenizer, shared_data, tmp_path_factory) -> Path:
+def cache(small_tokenizer, data_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("mps_cache") / "cache"
     specs = [("fineweb_edu:take=60", "pretrain"), ("dolly:take=150", "sft")]
-    build_cache(small_tokenizer.path, specs, out, data_dir=shared_data, workers=1, val_fraction=0.1, progress=False)
+    build_cache(small_tokenizer.path, specs, out, data_dir=data_dir, workers=1, val_fraction=0.1, progress=False)
     return out
 
 
@@ -177,26 +178,25 @@ def test_pretrain_then_sft_in_miniature(mps_rules, cache, tmp_path):
     assert (best / "model.safetensors").is_file()
 
 
-GEN_CONFIGS = {
-    "plain": GenConfig(max_new_tokens=12, temperature=0.9, top_k=40, top_p=0.9, seed=3, top_alternatives=0),
-    "inspector": GenConfig(max_new_tokens=12, temperature=0.9, top_k=40, top_p=0.9, seed=3, top_alternatives=5,
-                           logit_lens=True, attn_entropy=True),
-}
+GEN_CONFIG = GenConfig(max_new_tokens=12, temperature=0.9, top_k=40, top_p=0.9, seed=3)
+STATS = {"plain": None, "inspector": StatsRequest(top_alternatives=5, logit_lens=True, attn_entropy=True)}
 
 
-@pytest.mark.parametrize("kind", sorted(GEN_CONFIGS))
+@pytest.mark.parametrize("kind", sorted(STATS))
 def test_generate_follows_the_rules_and_matches_the_unchecked_run(tiny_model, kind):
     model, tok = tiny_model
     prompt = tok.encode("The history of the city begins")
-    cfg = GEN_CONFIGS[kind]
-    reference = [(s.id, s.logprob, s.entropy) for s in generate(model, tok, prompt, cfg)]
+    stats = STATS[kind]
+    reference = list(generate(model, tok, prompt, GEN_CONFIG, stats=stats))
     with MPSRules():  # host sampling with a host generator: the same draws as on the CPU
-        steps = list(generate(model, tok, prompt, cfg))
-    assert [s.id for s in steps] == [r[0] for r in reference]
-    assert [s.logprob for s in steps] == pytest.approx([r[1] for r in reference], abs=1e-4)
-    assert [s.entropy for s in steps] == pytest.approx([r[2] for r in reference], abs=1e-4)
-    if kind == "inspector":
-        assert len(steps[0].lens) == model.cfg.n_layer and len(steps[0].attn_entropy[0]) == model.cfg.n_head
+        steps = list(generate(model, tok, prompt, GEN_CONFIG, stats=stats))
+    assert [s.id for s in steps] == [r.id for r in reference]
+    if stats is None:
+        assert all(s.stats is None for s in steps)
+        return
+    assert [s.stats.logprob for s in steps] == pytest.approx([r.stats.logprob for r in reference], abs=1e-4)
+    assert [s.stats.entropy for s in steps] == pytest.approx([r.stats.entropy for r in reference], abs=1e-4)
+    assert len(steps[0].stats.lens) == model.cfg.n_layer and len(steps[0].stats.attn_entropy[0]) == model.cfg.n_head
 
 
 def _complete(url: str, seed: int) -> dict:

@@ -7,7 +7,7 @@ import copy
 import pytest
 from openai import OpenAI
 
-from infer_fixtures import forced_tokens, live_server, server_url, tiny_ckpt, tiny_model  # noqa: F401
+from conftest import forced_tokens, live_server
 from pocketlm.infer.config import StatsRequest
 from pocketlm.infer.generate import generate
 from pocketlm.infer.sampling import GenConfig

@@ -12,7 +12,7 @@ import httpx
 import pytest
 import torch
 
-from infer_fixtures import live_server, server_url, slow_server, suppress_eot, tiny_ckpt, tiny_model  # noqa: F401
+from conftest import live_server, suppress_eot
 from pocketlm.cli import main
 from pocketlm.serve.app import create_app
 

@@ -1,5 +1,6 @@
-"""Tokenizer: fixed special ids, lossless round trips on every real data folder and on generated
-unicode, byte views of ids, deterministic training, clear errors, and the CLI."""
+"""Tokenizer: fixed special ids, lossless round trips on every real data folder (the fixture slices
+and, marked full_data, the whole mirror) and on generated unicode, byte views of ids, deterministic
+training, clear errors, and the CLI."""
 
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def _roam_strings(node: dict | list) -> list[str]:
 def _folder_texts(data: Path, folder: str) -> list[str]:
     if folder == "fineweb_legal":
         rows = _jsonl(data / folder / "fineweb_legal_pilot_shared.jsonl")
-        return [r["text"] for r in rows[:150] + rows[-150:]]
+        return [r["text"] for r in (rows if len(rows) <= 300 else rows[:150] + rows[-150:])]
     if folder == "gutenberg":
         # The full PG files (pg*.txt) are Windows-1252, the others UTF-8.
         return [_raw(p, "cp1252" if p.name.startswith("pg") else "utf-8")
@@ -54,12 +55,14 @@ def _folder_texts(data: Path, folder: str) -> list[str]:
         return [r[k] for r in _jsonl(data / folder / "dolly_15k_from_docx.jsonl", 3000)
                 for k in ("instruction", "context", "response")]
     if folder == "roam":
-        return _roam_strings(json.loads((data / folder / "roam_help_graph_2024-12-10.json").read_text("utf-8")))
+        (export,) = (data / folder).glob("*.json")
+        return _roam_strings(json.loads(export.read_text("utf-8")))
     assert folder == "tinyshakespeare"
     return [_raw(data / folder / "input.txt")]
 
 
 FOLDERS = ("fineweb_legal", "gutenberg", "wikitext", "oasst1", "dolly", "roam", "tinyshakespeare")
+MIN_CHARS = {"fixture": 500, "full": 100_000}  # the least text each folder gives the round trip
 
 
 def test_special_tokens_have_fixed_single_ids(small_tokenizer: Tokenizer) -> None:
@@ -94,11 +97,11 @@ def test_stop_id_round_trips(small_tokenizer: Tokenizer) -> None:
 
 
 @pytest.mark.parametrize("folder", FOLDERS)
-def test_round_trip_real_data(small_tokenizer: Tokenizer, shared_data: Path, folder: str) -> None:
+def test_round_trip_real_data(small_tokenizer: Tokenizer, data_set, folder: str) -> None:
     tok = small_tokenizer
     lengths = tok.token_byte_lengths()
-    texts = _folder_texts(shared_data, folder)
-    assert len(texts) >= 1 and sum(map(len, texts)) > 100_000
+    texts = _folder_texts(data_set.path, folder)
+    assert len(texts) >= 1 and sum(map(len, texts)) > MIN_CHARS[data_set.name]
     for text in texts:
         ids = tok.encode(text)
         assert tok.decode(ids) == text
@@ -106,13 +109,15 @@ def test_round_trip_real_data(small_tokenizer: Tokenizer, shared_data: Path, fol
         assert int(lengths[ids].sum()) == len(text.encode("utf-8"))
 
 
-def test_round_trip_keeps_file_quirks(small_tokenizer: Tokenizer, shared_data: Path) -> None:
+def test_round_trip_keeps_file_quirks(small_tokenizer: Tokenizer, data_dir: Path) -> None:
     tok = small_tokenizer
-    tom = _raw(shared_data / "gutenberg" / "74-0.txt")
-    wiki = _raw(shared_data / "wikitext" / "wiki.test.raw")
-    assert tom.startswith("\ufeff") and "\r\n" in wiki
+    tom = _raw(data_dir / "gutenberg" / "74-0.txt")
+    wiki = _raw(data_dir / "wikitext" / "wiki.test.raw")
+    austen = _raw(data_dir / "gutenberg" / "pg1342.txt", "cp1252")
+    assert tom.startswith("\ufeff") and "\r\n" in wiki and "\r\n" in austen
     assert tok.decode(tok.encode(tom[:500])) == tom[:500]
     assert tok.decode(tok.encode(wiki[:500])) == wiki[:500]
+    assert tok.decode(tok.encode(austen[:500])) == austen[:500]
 
 
 _ALPHABET = st.sampled_from(list("ab Z\t\n\r  ") + ["😀", "👩‍👩‍👧", "世", "界", "日本", "é", "\u0301", "▁",
@@ -160,17 +165,17 @@ def _some_fineweb(data: Path, n: int) -> list[str]:
     return [r["text"] for r in _jsonl(data / "fineweb_legal" / "fineweb_legal_pilot_shared.jsonl", n)]
 
 
-def test_training_is_deterministic(shared_data: Path, tmp_path: Path) -> None:
-    docs = _some_fineweb(shared_data, 60)
+def test_training_is_deterministic(data_dir: Path, tmp_path: Path) -> None:
+    docs = _some_fineweb(data_dir, 40)
 
     def train(name: str, seed: int) -> str:
-        path = train_tokenizer(iter(docs), vocab_size=600, out_dir=tmp_path / name, seed=seed, max_sentences=150)
+        path = train_tokenizer(iter(docs), vocab_size=600, out_dir=tmp_path / name, seed=seed, max_sentences=30)
         return hashlib.sha256(path.read_bytes()).hexdigest()
 
     first = train("a", 0)
     assert train("b", 0) == first
     info = json.loads((tmp_path / "a" / TRAIN_INFO_FILE).read_text())
-    assert info["max_sentences"] == 150 and info["sampled"] == 150 < info["sentences"] and info["documents"] == 60
+    assert info["max_sentences"] == 30 and info["sampled"] == 30 < info["sentences"] and info["documents"] == 40
     assert train("c", 1) != first  # the seed picks which chunks are sampled
 
 
@@ -206,32 +211,32 @@ def test_load_errors(small_tokenizer: Tokenizer, tmp_path: Path) -> None:
         small_tokenizer.decode([-100])
 
 
-def test_cli_train_and_info(shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_train_and_info(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     docs = tmp_path / "docs.jsonl"
-    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in _some_fineweb(shared_data, 100)))
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in _some_fineweb(data_dir, 40)))
     out = tmp_path / "tok"
-    rc = main(["tokenizer", "train", "--sources", str(docs), str(shared_data / "gutenberg" / "11-0.txt"),
-               "--vocab-size", "800", "--out", str(out), "--seed", "3"])
+    rc = main(["tokenizer", "train", "--sources", str(docs), str(data_dir / "gutenberg" / "74-0.txt"),
+               "--vocab-size", "800", "--out", str(out), "--seed", "3", "--holdout-every", "20"])
     text = capsys.readouterr().out
     assert rc == 0 and (out / "tokenizer.model").is_file()
     assert "vocab size:    800" in text and "<|eot|>=4" in text
     assert "held out:      2 texts of" in text and "bytes/token" in text
     info = json.loads((out / TRAIN_INFO_FILE).read_text())
-    assert info["documents"] == 99 and info["seed"] == 3  # 98 FineWeb docs + Alice
+    assert info["documents"] == 39 and info["seed"] == 3  # 38 FineWeb docs (2 of 40 held out) + Tom Sawyer
     assert main(["tokenizer", "info", str(out)]) == 0
     text = capsys.readouterr().out
     assert f"sha256:        {Tokenizer.load(out).hash}" in text
-    assert "trained on:    99 documents" in text and "(cap 50000, seed 3)" in text
+    assert "trained on:    39 documents" in text and "(cap 50000, seed 3)" in text
 
 
-def test_cli_reads_data_source_specs(shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    spec = f"gutenberg:path={shared_data / 'gutenberg'}"  # a spec, though it holds a path
-    rc = main(["tokenizer", "train", "--sources", spec, "dolly", "--data-dir", str(shared_data),
-               "--vocab-size", "700", "--max-sentences", "300", "--out", str(tmp_path)])
+def test_cli_reads_data_source_specs(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = f"gutenberg:path={data_dir / 'gutenberg'}"  # a spec, though it holds a path
+    rc = main(["tokenizer", "train", "--sources", spec, "dolly", "--data-dir", str(data_dir),
+               "--vocab-size", "700", "--max-sentences", "100", "--holdout-every", "5", "--out", str(tmp_path)])
     text = capsys.readouterr().out
     assert rc == 0 and f"of {spec}," in text
     info = json.loads((tmp_path / TRAIN_INFO_FILE).read_text())
-    assert info["sampled"] == 300 < info["sentences"]
+    assert info["sampled"] == 100 < info["sentences"]
 
 
 def test_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

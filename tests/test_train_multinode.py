@@ -29,9 +29,9 @@ STEPS = 16  # the whole curve; the two-node run trains the first half, one proce
 
 
 @pytest.fixture(scope="module")
-def cache(small_tokenizer, shared_data, tmp_path_factory) -> Path:
+def cache(small_tokenizer, data_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("multinode_cache") / "cache"
-    build_cache(small_tokenizer.path, [("fineweb_edu:take=150", "pretrain")], out, data_dir=shared_data,
+    build_cache(small_tokenizer.path, [("fineweb_edu:take=150", "pretrain")], out, data_dir=data_dir,
                 workers=1, val_fraction=0.1, progress=False)
     return out
 

@@ -36,11 +36,11 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def cache(small_tokenizer, shared_data, tmp_path_factory) -> Path:
+def cache(small_tokenizer, data_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("train_cache") / "cache"
-    specs = [("fineweb_edu:take=200", "pretrain"), ("roam:take=300", "pretrain"), ("wikitext:take=100", "pretrain"),
-             ("dolly:take=400", "sft"), ("oasst1:take=80", "sft"), ("primer", "sft")]
-    build_cache(small_tokenizer.path, specs, out, data_dir=shared_data, workers=1, val_fraction=0.1, progress=False)
+    specs = [("fineweb_edu:take=200", "pretrain"), ("roam:take=300", "pretrain"), ("wikitext", "eval"),
+             ("dolly:take=400", "sft"), ("oasst1:branches=all", "sft"), ("primer", "sft")]
+    build_cache(small_tokenizer.path, specs, out, data_dir=data_dir, workers=1, val_fraction=0.1, progress=False)
     return out
 
 
@@ -212,21 +212,45 @@ def cli(*args: str, **popen) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, **popen)
 
 
+# `pocketlm train` that stops for good once it has logged the train line of step PAUSE_AT, and says so
+# by creating the file MARKER: the kill lands at a known step, however fast or slow the machine is.
+_TRAIN_THEN_PAUSE = """
+import pathlib, runpy, sys, time
+from pocketlm.train import metrics
+append = metrics.append
+def append_then_pause(path, record):
+    append(path, record)
+    if record["kind"] == "train" and record["step"] == {pause_at}:
+        pathlib.Path({marker!r}).touch()
+        time.sleep(600)
+metrics.append = append_then_pause
+sys.argv = ["pocketlm", *sys.argv[1:]]
+runpy.run_module("pocketlm", run_name="__main__")
+"""
+
+
 def test_resume_after_kill_9_reproduces_the_uninterrupted_losses(cache, tmp_path):
     cfg = tiny_config(cache, tmp_path, pretrain_steps=80, eval_every=20, log_every=2, sample_tokens=0)
     config = write_toml(tmp_path / "run.toml", cfg)
-    base = ["-m", "pocketlm", "train", "--config", str(config), "--phase", "pretrain"]
-    straight = cli(*base, "--name", "straight")
+    args = ["train", "--config", str(config), "--phase", "pretrain"]
+    straight = cli("-m", "pocketlm", *args, "--name", "straight")
     assert straight.wait(timeout=300) == 0, straight.stderr.read()
 
-    killed = cli(*base, "--name", "killed")
-    last = tmp_path / "killed" / "pretrain" / "last"
-    deadline = time.time() + 240
-    while not last.exists() and time.time() < deadline and killed.poll() is None:
-        time.sleep(0.02)
-    killed.send_signal(signal.SIGKILL)
+    # Killed at step 26: the checkpoint of step 20 is on disk, and steps 22-26 were logged past it.
+    marker = tmp_path / "paused"
+    killed = cli("-c", _TRAIN_THEN_PAUSE.format(pause_at=26, marker=str(marker)), *args, "--name", "killed")
+    deadline = time.monotonic() + 300
+    try:
+        while not marker.exists() and killed.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), killed.stderr.read() if killed.poll() is not None else "no step 26 within 300 s"
+    finally:
+        killed.send_signal(signal.SIGKILL)
     assert killed.wait() == -signal.SIGKILL
-    assert load_state(last)["step"] < 80
+    last = tmp_path / "killed" / "pretrain" / "last"
+    assert load_state(last)["step"] == 20
+    assert train_lines(tmp_path / "killed", "pretrain")[-1]["step"] == 26
+    base = ["-m", "pocketlm", *args]
     resumed = cli(*base, "--name", "killed", "--resume")
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
 
