@@ -236,7 +236,7 @@ def test_sampling_on_the_device_fails(mps_rules, tiny_model, monkeypatch):
     monkeypatch.setattr("pocketlm.infer.sampling.is_mps", lambda device: False)
     model, tok = tiny_model
     with pytest.raises(MPSRuleError, match="pytorch#192577"):
-        list(generate(model, tok, tok.encode("Once upon a time"), GEN_CONFIGS["plain"]))
+        list(generate(model, tok, tok.encode("Once upon a time"), GEN_CONFIG))
 
 
 def test_a_cli_run_under_the_environment_variable(tiny_ckpt, monkeypatch, capsys):

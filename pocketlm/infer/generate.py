@@ -133,14 +133,15 @@ def generate(model: torch.nn.Module, tok, prompt_ids: list[int], cfg: GenConfig,
                                     param.dtype)
             bytes_per_pos = cache.nbytes // cache.max_len
 
-            def eager_step(ids: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
-                """Forward, choice and statistics with no autograd anywhere: (chosen id, host vector)."""
+            def eager_step(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+                """Forward, choice and statistics with no autograd anywhere, all under the lock:
+                (chosen id, the next forward's input, host vector)."""
                 with guard, torch.inference_mode(), model.hooks(signals.hooks):
                     logits, _ = model(ids, cache=cache)
                     # A vocabulary padded past the tokenizer's ids is cut: those ids could never be decoded.
                     logits = logits[0, -1, :vocab].float()
                     chosen = sample_next(logits, cfg, rng)
-                    return chosen, layout.pack(logits, chosen, signals.compute(vocab)).tolist()
+                    return chosen, chosen.view(1, 1), layout.pack(logits, chosen, signals.compute(vocab)).tolist()
 
             for index in range(cfg.max_new_tokens):
                 t0 = time.perf_counter()
@@ -148,8 +149,7 @@ def generate(model: torch.nn.Module, tok, prompt_ids: list[int], cfg: GenConfig,
                     with guard:  # replays (and a first capture) are forwards too: one at a time
                         host = slot.step(cfg, layout, rng)
                 else:
-                    chosen, host = eager_step(ids)
-                    ids = chosen.view(1, 1)
+                    chosen, ids, host = eager_step(ids)
                     if path == "graph":
                         with guard:
                             slot.start(chosen)  # the prompt is in; later tokens go through the graph
