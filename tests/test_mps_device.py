@@ -16,7 +16,7 @@ import torch
 
 from pocketlm.device import DeviceLock
 from pocketlm.infer.generate import generate
-from pocketlm.infer.kv_cache import KVCache
+from pocketlm.model.kv_cache import KVCache
 from pocketlm.infer.sampling import GenConfig
 from pocketlm.model import GPT, GPTConfig
 from pocketlm.train.ddp import DistInfo
