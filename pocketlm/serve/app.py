@@ -61,7 +61,8 @@ def create_app(model: torch.nn.Module, tok, model_id: str = "pocketlm", max_acti
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, e: HTTPException):  # unknown paths, wrong methods: the same JSON shape
-        return error_response(e.status_code, str(e.detail), None)
+        # FastAPI's own 400 is a body it could not read at all (e.g. not UTF-8): the body is at fault.
+        return error_response(e.status_code, str(e.detail), "body" if e.status_code == 400 else None)
 
     @app.exception_handler(Exception)
     async def server_error(_: Request, e: Exception):  # a bug, not the client's fault: logged, said in JSON
