@@ -6,9 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import socket
-import threading
 from collections import Counter
-from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -16,28 +14,7 @@ import pytest
 from infer_fixtures import live_server, server_url, suppress_eot, tiny_ckpt, tiny_model  # noqa: F401
 from pocketlm.serve.app import create_app
 from pocketlm.tokenizer.chat_template import format_chat_tokens
-from test_serve import _wait_idle, inspect
-
-
-@contextmanager
-def gated_server(tiny_model, max_active: int = 64):
-    """A server whose model never ends its turn and whose every forward waits for `gate` to open.
-    Yields (url, gate, started, counter): `started` is set by the first forward."""
-    model, tok = tiny_model
-    gated = copy.deepcopy(model)
-    counter = suppress_eot(gated, tok.eot_id)
-    gate, started = threading.Event(), threading.Event()
-
-    def wait_for_gate(_module, _args):
-        started.set()
-        assert gate.wait(60), "the test never opened the gate"
-
-    gated.register_forward_pre_hook(wait_for_gate)
-    try:
-        with live_server(create_app(gated, tok, max_active=max_active)) as url:
-            yield url, gate, started, counter
-    finally:
-        gate.set()
+from test_serve import _wait_idle, inspect, metered_server
 
 
 def _post_bytes(path: str, body: dict) -> bytes:
@@ -57,38 +34,39 @@ def _status(s: socket.socket) -> int:
 
 def test_burst_admits_exactly_max_active(tiny_model):
     """32 streams at once against --max-active 2: exactly 2 run, 30 get a 429 without waiting."""
-    with gated_server(tiny_model, max_active=2) as (url, gate, _, _):
+    with metered_server(tiny_model, max_active=2) as (url, _, permits, _):
         port = int(url.rsplit(":", 1)[1])
         socks = [socket.create_connection(("127.0.0.1", port), timeout=60) for _ in range(32)]
         try:
             request = _post_bytes("/api/inspect", {"prompt": "The river", "max_tokens": 50})
             for s in socks:  # connected first, then all 32 requests sent back to back
                 s.sendall(request)
-            # While the gate is shut no generation can finish and free a slot, so every answer
-            # here was decided by admission alone.
+            # With no permits no generation can finish and free a slot, so every answer here was
+            # decided by admission alone.
             statuses = Counter(_status(s) for s in socks)
             info = httpx.get(f"{url}/api/info", timeout=10).json()
         finally:
             for s in socks:
                 s.close()
-            gate.set()
+            permits.release(10**6)
         assert statuses == {200: 2, 429: 30}
         assert info["active"] == 2
         assert _wait_idle(url)["active"] == 0
 
 
 def test_non_streaming_client_that_leaves_stops_its_generation(tiny_model):
-    with gated_server(tiny_model, max_active=1) as (url, gate, started, counter):
+    with metered_server(tiny_model, max_active=1) as (url, app, permits, started):
         port = int(url.rsplit(":", 1)[1])
         body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 100}
         with socket.create_connection(("127.0.0.1", port)) as s:
             s.sendall(_post_bytes("/v1/chat/completions", body))
-            assert started.wait(30)  # the generation is running (its prefill waits at the gate)
-        # The client is gone; once the prefill may go on, the generation must stop at its next step.
-        gate.set()
+            assert started.wait(30)  # the generation is running (its prefill waits for a permit)
+            job = next(iter(app.state.engine.jobs.values()))
+        assert job.cancel.wait(30)  # the server saw the client leave
+        permits.release(10**6)
         info = _wait_idle(url)
         assert info["finished"] == {"cancelled": 1}
-        assert counter["forwards"] < 10  # of 100 asked for
+        assert app.state.forwards["forwards"] == 1  # the prefill that was already waiting; nothing after it
         # Its slot is free again (max_active is 1).
         r = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
                                                             "max_tokens": 2}, timeout=30)
@@ -113,6 +91,7 @@ def test_seed_extremes_are_accepted(server_url):
 def test_failure_inside_a_chat_stream_ends_with_error_chunk_and_done(tiny_model):
     model, tok = tiny_model
     broken = copy.deepcopy(model)
+    suppress_eot(broken, tok.eot_id)  # a reply that ended at its first token would never reach a decode step
 
     def fail_on_decode(_module, args, _out):
         if args[0].shape[1] == 1:
