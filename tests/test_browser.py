@@ -15,6 +15,7 @@ import pytest
 
 from infer_fixtures import live_server, server_url, slow_server, suppress_eot, tiny_ckpt, tiny_model  # noqa: F401
 from pocketlm.serve.app import create_app
+from test_serve import metered_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
@@ -241,26 +242,27 @@ def test_long_chat_drops_oldest_turns_and_never_keeps_a_failed_one(chatty_server
         assert page.errors[:1] == [] or all(e.startswith("400 ") for e in page.errors)
 
 
-def test_new_chat_stops_the_running_generation(slow_server):
+def test_new_chat_stops_the_running_generation(tiny_model):
     from playwright.sync_api import expect
 
-    url, _ = slow_server
-    before = httpx.get(f"{url}/api/info", timeout=10).json()["finished"].get("cancelled", 0)
-    with chromium() as browser:
+    with metered_server(tiny_model) as (url, app, permits, _), chromium() as browser:
         page = open_page(browser, url)
-        page.fill("#max-tokens", "120")
+        permits.release(4)  # the prefill and three more tokens; then the generation waits, still running
         page.fill("#prompt", "Tell me about rivers.")
         page.keyboard.press("Enter")
-        expect(page.locator(".msg.assistant .reply .tok").nth(3)).to_be_visible(timeout=20_000)
+        expect(page.locator(".msg.assistant .reply .tok")).to_have_count(4, timeout=20_000)
+        job = next(iter(app.state.engine.jobs.values()))
         page.click("#reset")
+        assert job.cancel.wait(30)  # the page's New chat reached the server
+        permits.release(10**6)
         for _ in range(200):  # until the server has ended the generation
             info = httpx.get(f"{url}/api/info", timeout=10).json()
             if info["active"] == 0:
                 break
             page.wait_for_timeout(50)
-        assert info["active"] == 0 and info["finished"].get("cancelled", 0) == before + 1
+        assert info["active"] == 0 and info["finished"] == {"cancelled": 1}
         # Nothing of the old reply landed in the new chat.
-        assert page.locator("#log > *").count() == 0 and page.input_value("#prompt") == ""
+        assert page.locator("#log > *").count() == 0
         assert page.locator("#send").is_enabled() and not page.locator("#stop").is_enabled()
         expect(page.locator("#status")).to_have_text("")
 

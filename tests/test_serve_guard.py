@@ -9,8 +9,9 @@ import threading
 import httpx
 import pytest
 
-from infer_fixtures import live_server, server_url, slow_server, tiny_ckpt, tiny_model  # noqa: F401
+from infer_fixtures import live_server, server_url, tiny_ckpt, tiny_model  # noqa: F401
 from pocketlm.serve.app import STATIC, create_app
+from test_serve import metered_server
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
@@ -38,21 +39,25 @@ def test_allowed_hosts_come_from_host_and_allow_list(tiny_model):
         assert httpx.get(f"{url}/api/info", headers={"host": "other.local"}, timeout=10).status_code == 400
 
 
-def test_cross_origin_requests_cannot_change_state(slow_server):
-    url, _ = slow_server
-    with httpx.stream("POST", f"{url}/api/inspect", json={"prompt": "The river", "max_tokens": 60}, timeout=30) as r:
-        events = r.iter_lines()
-        first = next(line for line in events if line.startswith("data:"))
-        job_id = re.search(r'"request_id": "([^"]+)"', first).group(1)
-        for origin in ("https://evil.example", "null", f"{url}.evil.example"):
-            r2 = httpx.post(f"{url}/api/inspect/{job_id}/cancel", headers={"origin": origin}, timeout=10)
-            assert r2.status_code == 403 and r2.json()["error"]["param"] == "origin"
-        assert httpx.post(f"{url}/api/inspect", json={"prompt": "x"}, headers={"origin": "https://evil.example"},
-                          timeout=10).status_code == 403
-        # The page's own origin may stop it.
-        assert httpx.post(f"{url}/api/inspect/{job_id}/cancel", headers={"origin": url}, timeout=10).json()["cancelled"]
-        tail = [line for line in events if line.startswith("data:")]
-    assert '"finish_reason": "cancelled"' in tail[-1]
+def test_cross_origin_requests_cannot_change_state(tiny_model):
+    with metered_server(tiny_model) as (url, _, permits, _):
+        permits.release(1)  # the prefill; the generation then waits, still running
+        with httpx.stream("POST", f"{url}/api/inspect", json={"prompt": "The river", "max_tokens": 60},
+                          timeout=30) as r:
+            events = r.iter_lines()
+            first = next(line for line in events if line.startswith("data:"))
+            job_id = re.search(r'"request_id": "([^"]+)"', first).group(1)
+            for origin in ("https://evil.example", "null", f"{url}.evil.example"):
+                r2 = httpx.post(f"{url}/api/inspect/{job_id}/cancel", headers={"origin": origin}, timeout=10)
+                assert r2.status_code == 403 and r2.json()["error"]["param"] == "origin"
+            assert httpx.post(f"{url}/api/inspect", json={"prompt": "x"}, headers={"origin": "https://evil.example"},
+                              timeout=10).status_code == 403
+            # The page's own origin may stop it.
+            assert httpx.post(f"{url}/api/inspect/{job_id}/cancel", headers={"origin": url},
+                              timeout=10).json()["cancelled"]
+            permits.release(10**6)
+            tail = [line for line in events if line.startswith("data:")]
+        assert '"finish_reason": "cancelled"' in tail[-1]
 
 
 def test_request_ids_are_unguessable(server_url):
