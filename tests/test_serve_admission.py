@@ -88,6 +88,15 @@ def test_seed_extremes_are_accepted(server_url):
         assert httpx.post(f"{server_url}/v1/chat/completions", json=body, timeout=30).status_code == 200
 
 
+def test_tiny_temperature_is_greedy_not_a_500(server_url):
+    """Found by the schema fuzz: temperature 4e-172 made logits / temperature overflow to inf."""
+    body = {"messages": [{"role": "user", "content": "Name a river."}], "max_tokens": 8}
+    greedy = httpx.post(f"{server_url}/v1/chat/completions", json={**body, "temperature": 0}, timeout=30)
+    tiny = httpx.post(f"{server_url}/v1/chat/completions", json={**body, "temperature": 4e-172}, timeout=30)
+    assert tiny.status_code == 200
+    assert tiny.json()["choices"][0]["message"] == greedy.json()["choices"][0]["message"]
+
+
 def test_failure_inside_a_chat_stream_ends_with_error_chunk_and_done(tiny_model):
     model, tok = tiny_model
     broken = copy.deepcopy(model)

@@ -12,6 +12,9 @@ import torch
 
 from pocketlm.infer.config import GenConfig
 
+# Temperatures below this sample greedily: their limit is the argmax, and logits / 1e-300 overflow to inf.
+GREEDY_BELOW = 1e-6
+
 
 def filtered_logits(logits: torch.Tensor, cfg: GenConfig) -> torch.Tensor:
     """Apply temperature, top-k and top-p to fp32 logits [V]; excluded tokens become -inf.
@@ -35,7 +38,7 @@ def filtered_logits(logits: torch.Tensor, cfg: GenConfig) -> torch.Tensor:
 
 def sample_next(logits: torch.Tensor, cfg: GenConfig, generator: torch.Generator | None) -> torch.Tensor:
     """The chosen token id as a 0-d int64 tensor on the logits' device (no host sync here)."""
-    if cfg.temperature == 0.0:
+    if cfg.temperature < GREEDY_BELOW:
         return torch.argmax(logits, dim=-1)
     probs = torch.softmax(filtered_logits(logits, cfg), dim=-1)
     return torch.multinomial(probs, 1, generator=generator)[0]
