@@ -88,11 +88,12 @@ def test_seed_extremes_are_accepted(server_url):
         assert httpx.post(f"{server_url}/v1/chat/completions", json=body, timeout=30).status_code == 200
 
 
-def test_tiny_temperature_is_greedy_not_a_500(server_url):
-    """Found by the schema fuzz: temperature 4e-172 made logits / temperature overflow to inf."""
+@pytest.mark.parametrize("setting", ["temperature", "top_p"])
+def test_tiny_temperature_or_top_p_is_greedy_not_a_500(server_url, setting):
+    """Found by the schema fuzz: 4e-172 made logits / temperature overflow to inf, and top_p round to 0."""
     body = {"messages": [{"role": "user", "content": "Name a river."}], "max_tokens": 8}
     greedy = httpx.post(f"{server_url}/v1/chat/completions", json={**body, "temperature": 0}, timeout=30)
-    tiny = httpx.post(f"{server_url}/v1/chat/completions", json={**body, "temperature": 4e-172}, timeout=30)
+    tiny = httpx.post(f"{server_url}/v1/chat/completions", json={**body, setting: 4e-172}, timeout=30)
     assert tiny.status_code == 200
     assert tiny.json()["choices"][0]["message"] == greedy.json()["choices"][0]["message"]
 

@@ -31,6 +31,7 @@ def filtered_logits(logits: torch.Tensor, cfg: GenConfig) -> torch.Tensor:
         # Mass strictly before each token: the most likely token is always kept, so the set is never empty.
         before = torch.cumsum(probs, dim=-1) - probs
         drop_sorted = before >= cfg.top_p
+        drop_sorted[0] = False  # even when top_p rounds to 0 in fp32 (e.g. 4e-172, found by the API fuzz)
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         x = x.masked_fill(drop, float("-inf"))
     return x
