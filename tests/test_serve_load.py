@@ -53,7 +53,6 @@ async def burst(url: str) -> list[tuple[int, int]]:
         return await asyncio.gather(*(one_stream(client, i) for i in range(STREAMS)))
 
 
-@pytest.mark.slow
 def test_64_streams_with_disconnects_leave_nothing_behind(tiny_model, record_property):
     model, tok = tiny_model
     with live_server(create_app(model, tok, max_active=STREAMS)) as url:
