@@ -32,7 +32,7 @@ from pocketlm.infer.kv_cache import KVCache  # noqa: E402
 from pocketlm.infer.sampling import GenConfig, step_stats  # noqa: E402
 from pocketlm.model.config import GPTConfig  # noqa: E402
 from pocketlm.model.gpt_v1 import GPT  # noqa: E402
-from pocketlm.train.precision import pick_device  # noqa: E402
+from pocketlm.device import pick_device  # noqa: E402
 
 
 class StandInTokenizer:

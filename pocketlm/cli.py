@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from pocketlm import PocketLMError, __version__
@@ -46,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if os.environ.get("POCKETLM_MPS_RULES") == "1":  # fail here as an Apple GPU would (pocketlm/mps_rules.py)
+            from pocketlm.mps_rules import MPSRules
+
+            with MPSRules():
+                return int(args.handler(args) or 0)
         return int(args.handler(args) or 0)
     except PocketLMError as e:
         sys.stderr.write(f"pocketlm: error: {e}\n")

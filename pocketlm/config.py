@@ -102,7 +102,3 @@ def resolve(cls: type[T], args: argparse.Namespace | None = None, toml: dict[str
         if typing.get_origin(_scalar(_field_type(cls, f))) is tuple and isinstance(getattr(cfg, f.name), list):
             setattr(cfg, f.name, tuple(getattr(cfg, f.name)))
     return cfg
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)

@@ -41,3 +41,21 @@ def small_tokenizer(shared_data: Path, tmp_path_factory: pytest.TempPathFactory)
 
     out = tmp_path_factory.mktemp("small_tokenizer")
     return Tokenizer.load(train_tokenizer(_small_corpus(shared_data), vocab_size=2000, out_dir=out, seed=0))
+
+
+@pytest.fixture(scope="session")
+def encode_document():
+    """The pretrain format of one document written out plainly, `(tok, text) -> ids + [<|eot|>]`: the
+    reference the cache's bulk encoding (`format.pretrain.encode_documents`) is held to."""
+    return lambda tok, text: tok.encode(text) + [tok.eot_id]
+
+
+@pytest.fixture
+def mps_rules():
+    """The test runs under MPS's rules with the CPU as the device (pocketlm/mps_rules.py): float64 or
+    complex tensors, non_blocking copies from unpinned memory, device work from two threads at once and
+    known-bad MPS kernels raise MPSRuleError."""
+    from pocketlm.mps_rules import MPSRules
+
+    with MPSRules() as rules:
+        yield rules

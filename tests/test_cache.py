@@ -18,7 +18,6 @@ from pocketlm import PocketLMError
 from pocketlm.cache.build_cache import build_cache, encode_records, val_split
 from pocketlm.cache.shards import Cache, ShardWriter, token_dtype
 from pocketlm.cli import main
-from pocketlm.format.pretrain import encode_document
 
 SPECS = [("fineweb_edu:take=40", "pretrain"), ("wikitext:take=300", "eval"),
          ("dolly:take=150", "sft"), ("oasst1:take=30", "sft")]
@@ -126,7 +125,7 @@ def test_chat_without_assistant_turn_is_dropped_and_counted(small_tokenizer):
     assert small_tokenizer.decode(out[1].ids[out[1].mask == 1]) == "Hello!<|eot|>"
 
 
-def test_bulk_pretrain_encoding_matches_encode_document(small_tokenizer):
+def test_bulk_pretrain_encoding_matches_encode_document(small_tokenizer, encode_document):
     # The build encodes documents in bulk; each must get exactly encode_document's ids, including
     # the tokenizer's own rules: a literal U+2581 as its bytes, special strings as plain text.
     texts = ["Hello world", "\u2581", "a \u2581\u2581b\u2581", "<|eot|> is text <|usr|>", "",

@@ -23,10 +23,6 @@ def cache(tmp_path_factory, small_tokenizer, shared_data):
     return out
 
 
-def _bytes_of(tok, y: torch.Tensor) -> int:
-    return sum(len(tok.id_to_bytes(int(t))) for t in y if t != -100)
-
-
 def test_pretrain_batch(cache, small_tokenizer):
     tok = small_tokenizer
     data = PretrainData(cache, {"fineweb_edu": 3, "wikitext": 1}, T, seed=5, tokenizer_hash=tok.hash)
@@ -42,7 +38,6 @@ def test_pretrain_batch(cache, small_tokenizer):
             restart = x[t - 1] == tok.eot_id
             assert (b["positions"][i, t] == 0) == bool(restart)
             assert b["doc_ids"][i, t] == b["doc_ids"][i, t - 1] + int(restart)
-        assert b["n_bytes"][i] == _bytes_of(tok, b["y"][i])
     # Each row is a real window of its source's token stream.
     c = Cache(cache)
     stream_ids = {n: c.stream(n, "train").read(0, c.stream(n, "train").n_tokens) for n in data.mixture}
@@ -114,7 +109,6 @@ def test_sft_rows_isolate_conversations(cache, small_tokenizer):
             assert y[at + n - 1] == -100 and (y[at:at + n - 1] != -100).any()
             at += n
         assert (y[at:] == -100).all() and (x[at:] == tok.eot_id).all()
-        assert b["n_bytes"][i] == _bytes_of(tok, b["y"][i])
     assert torch.equal(b["x"], data.batch(3, 6)["x"])
     assert not torch.equal(b["x"], data.batch(4, 6)["x"])
 

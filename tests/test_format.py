@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pocketlm import PocketLMError
 from pocketlm.data.sources import open_source
-from pocketlm.format.packing import best_fit_pack, doc_attention_mask, pack_row, truncate_length
-from pocketlm.format.pretrain import encode_document, window_positions
-from pocketlm.format.sft import IGNORE_INDEX, encode_chat
+from pocketlm.format import IGNORE_INDEX
+from pocketlm.format.packing import best_fit_pack, pack_row, truncate_length
+from pocketlm.format.pretrain import encode_documents, window_positions
+from pocketlm.format.sft import encode_chat
+from pocketlm.model.gpt_v1 import _attention_mask
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +66,8 @@ def test_chat_without_assistant_is_rejected(small_tokenizer):
 
 def test_document_ends_with_boundary(shared_data, small_tokenizer):
     docs = list(open_source("fineweb_edu:take=3", data_dir=shared_data))
-    for doc in docs:
-        ids = encode_document(small_tokenizer, doc["text"])
+    for doc, ids in zip(docs, encode_documents(small_tokenizer, [d["text"] for d in docs])):
+        ids = ids.tolist()
         assert ids[-1] == small_tokenizer.eot_id and small_tokenizer.eot_id not in ids[:-1]
         assert small_tokenizer.decode(ids[:-1]) == doc["text"]
 
@@ -118,4 +121,6 @@ def test_pack_row_attention_is_block_diagonal_causal():
         for i in range(lo, hi):
             for j in range(lo, i + 1):
                 naive[i, j] = True
-    assert np.array_equal(doc_attention_mask(row["doc_ids"]), naive)
+    # The mask the model builds from these doc_ids (True = may attend), for the one row and every head.
+    _, mask = _attention_mask(16, 0, torch.from_numpy(row["doc_ids"])[None], False, torch.device("cpu"))
+    assert np.array_equal(mask[0, 0].numpy(), naive)

@@ -159,7 +159,9 @@ def test_activation_checkpointing_gives_the_same_gradients(cache, small_tokenize
     torch.testing.assert_close(g_ckpt, g_plain, rtol=1e-5, atol=1e-7)
 
 
-def test_fp16_overflow_skips_the_step_and_lowers_the_scale(cache, small_tokenizer):
+def test_fp16_overflow_skips_the_step_and_lowers_the_scale(cache, small_tokenizer, mps_rules):
+    # Under MPS's rules: CPU fp16 autocast and GradScaler("cpu") stand in for MPS's (torch's scaler
+    # reciprocates the scale in fp64 off MPS, in fp32 on it: the one fp64 use the mode allows).
     batch = PretrainData(cache, {"fineweb_edu": 1.0}, 64, 0).batch(0, 2)
     model = fresh_model(small_tokenizer.vocab_size)
     opt = build_adamw(model, 1e-3, 0.1, 0.95, CPU)

@@ -23,8 +23,10 @@ import numpy as np
 
 from pocketlm import PocketLMError
 from pocketlm.cache import shards
-from pocketlm.format import pretrain, sft
-from pocketlm.tokenizer.tokenizer_sp import Tokenizer
+from pocketlm.cache.config import CacheConfig
+from pocketlm.files import atomic_write
+from pocketlm.format import IGNORE_INDEX, pretrain, sft
+from pocketlm.tokenizer.tokenizer_sp import MODEL_FILE, Tokenizer
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -59,7 +61,7 @@ def encode_records(tok: Tokenizer, kind: str, source: str, val_fraction: float, 
             out.append("no_assistant_turn")
             continue
         ids, labels = sft.encode_chat(tok, rec["messages"], mask=sft_mask)
-        mask = (np.asarray(labels) != sft.IGNORE_INDEX).astype(np.uint8)
+        mask = (np.asarray(labels) != IGNORE_INDEX).astype(np.uint8)
         n_bytes = sum(len(m["content"].encode("utf-8")) for m in rec["messages"])
         split = val_split(source, str(rec["id"]), val_fraction)
         out.append(Encoded(split, np.asarray(ids, dtype=np.uint32), mask, n_bytes))
@@ -135,12 +137,10 @@ def _parse_specs(specs: Sequence[tuple[str, str]]) -> list[tuple[str, object, st
     return parsed
 
 
-TOKENIZER_NAME = "tokenizer.model"
-
-
 def build_cache(tokenizer_path: str | Path, specs: Sequence[tuple[str, str]], out_dir: str | Path,
-                seed: int = 0, data_dir: str | Path | None = None, *, val_fraction: float = 0.02,
-                workers: int = 0, shard_tokens: int = 1 << 24, sft_mask: str = "assistant",
+                seed: int = CacheConfig.seed, data_dir: str | Path | None = None, *,
+                val_fraction: float = CacheConfig.val_fraction, workers: int = CacheConfig.workers,
+                shard_tokens: int = CacheConfig.shard_tokens, sft_mask: str = CacheConfig.sft_mask,
                 chunk_docs: int = 64, progress: bool = True) -> dict:
     """Write the cache for `specs` (each `("name:key=value,...", "pretrain" | "sft")`); returns meta.
 
@@ -167,8 +167,8 @@ def build_cache(tokenizer_path: str | Path, specs: Sequence[tuple[str, str]], ou
         # A copy of the tokenizer travels with the cache, so training needs nothing outside this folder.
         "tokenizer": {"sha256": tok.hash, "path": str(Path(tok.path).resolve()), "vocab_size": tok.vocab_size,
                       "eot_id": tok.eot_id, "special_ids": tok.special_token_ids(),
-                      "file": shards.write_file(out_dir / TOKENIZER_NAME, Path(tok.path).read_bytes())},
-        "token_bytes": shards.write_file(out_dir / shards.TOKEN_BYTES_NAME, _npy_bytes(token_bytes)),
+                      "file": atomic_write(out_dir / MODEL_FILE, Path(tok.path).read_bytes())},
+        "token_bytes": atomic_write(out_dir / shards.TOKEN_BYTES_NAME, _npy_bytes(token_bytes)),
         "seed": seed, "val_fraction": val_fraction, "sft_mask": sft_mask, "shard_tokens": shard_tokens,
         "sources": {},
     }

@@ -6,9 +6,7 @@ would have seen. A batch is a dict of int64 CPU tensors of shape (B, T):
   x, y          inputs and next-token targets (y = -100 where no loss is taken)
   positions     RoPE positions, restarting at 0 for each document / conversation
   doc_ids       attention stays among tokens with equal ids (and is causal)
-plus "sources" (the source name of each row) and "n_bytes", an int64 tensor (B,): UTF-8 bytes of
-the supervised targets of each row, so bits per byte = sum(loss in nats) / (ln 2 * n_bytes.sum()).
-Special tokens stand for 0 bytes.
+plus "sources" (the source name of each row).
 """
 
 from __future__ import annotations
@@ -21,14 +19,12 @@ import numpy as np
 import torch
 
 from pocketlm import PocketLMError
+from pocketlm.cache.config import DEFAULT_MIXTURE
 from pocketlm.cache.shards import SPLITS, Cache, Stream, Verify
 from pocketlm.format.packing import best_fit_pack, pack_row, truncate_length
 from pocketlm.format.pretrain import window_positions
-from pocketlm.format.sft import IGNORE_INDEX
 
-Batch = dict  # str -> torch.Tensor (B, T), plus "sources": list[str] and "n_bytes": Tensor (B,)
-
-DEFAULT_MIXTURE = {"fineweb_edu": 0.95, "roam": 0.05}
+Batch = dict  # str -> torch.Tensor (B, T), plus "sources": list[str]
 
 
 def step_rng(seed: int, step: int, rank: int) -> np.random.Generator:
@@ -78,10 +74,8 @@ def interleave(sizes: Mapping[str, int]) -> list[tuple[str, int]]:
     return [(name, i) for _, name, i in sorted(items)]
 
 
-def to_batch(rows: list[dict[str, np.ndarray]], sources: list[str], token_bytes: np.ndarray) -> Batch:
+def to_batch(rows: list[dict[str, np.ndarray]], sources: list[str]) -> Batch:
     out: Batch = {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in ("x", "y", "positions", "doc_ids")}
-    y = out["y"].numpy()
-    out["n_bytes"] = torch.from_numpy(np.where(y != IGNORE_INDEX, token_bytes[np.maximum(y, 0)], 0).sum(1))
     out["sources"] = sources
     return out
 
@@ -96,7 +90,7 @@ class PretrainData:
         cache = Cache(cache_dir, tokenizer_hash, verify)
         self.block_size, self.split = block_size, split
         self.seed = cache.meta["seed"] if seed is None else seed
-        self.eot_id, self.token_bytes = cache.eot_id, cache.token_bytes()
+        self.eot_id = cache.eot_id
         streams = {n: cache.stream(n, split) for n in cache.sources("pretrain")}
         usable = [n for n, s in streams.items() if s.n_tokens > block_size]
         self.mixture = mixture_weights(DEFAULT_MIXTURE if mixture is None else mixture, usable,
@@ -113,7 +107,7 @@ class PretrainData:
         x, y = windows[:, :-1], windows[:, 1:]
         positions, doc_ids = window_positions(x, self.eot_id)
         rows = [{"x": x[i], "y": y[i], "positions": positions[i], "doc_ids": doc_ids[i]} for i in range(len(picks))]
-        return to_batch(rows, [name for name, _ in picks], self.token_bytes)
+        return to_batch(rows, [name for name, _ in picks])
 
     def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1) -> Batch:
         _check_rank(rank, world)
@@ -166,7 +160,7 @@ class SFTData:
         cache = Cache(cache_dir, tokenizer_hash, verify)
         self.block_size, self.split = block_size, split
         self.seed = cache.meta["seed"] if seed is None else seed
-        self.eot_id, self.token_bytes = cache.eot_id, cache.token_bytes()
+        self.eot_id = cache.eot_id
         chat = cache.sources("sft")
         if sources is None:
             sources = chat
@@ -194,7 +188,7 @@ class SFTData:
             at = [i for i, (n, _) in enumerate(picks) if n == name]
             for i, row in zip(at, packed.pack([picks[i][1] for i in at], self.block_size, self.eot_id)):
                 rows[i] = row
-        return to_batch(rows, [name for name, _ in picks], self.token_bytes)
+        return to_batch(rows, [name for name, _ in picks])
 
     def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1) -> Batch:
         _check_rank(rank, world)

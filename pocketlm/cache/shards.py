@@ -11,9 +11,7 @@ Every file is written under a `.tmp` name and renamed when complete. docs/CACHE.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
@@ -21,6 +19,7 @@ from typing import Iterator, Literal
 import numpy as np
 
 from pocketlm import PocketLMError
+from pocketlm.files import AtomicFile, atomic_write, sha256_file
 
 MAGIC = "pocketlm-token-cache"
 FORMAT_VERSION = 1
@@ -36,35 +35,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
 
 
-class HashedFile:
-    """A file written under `name.tmp`, hashed as it is written, renamed to `name` on close."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.tmp = path.with_name(path.name + ".tmp")
-        self.f = open(self.tmp, "wb")
-        self.sha = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes) -> None:
-        self.f.write(data)
-        self.sha.update(data)
-        self.size += len(data)
-
-    def close(self) -> dict:
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
-        os.replace(self.tmp, self.path)
-        return {"size": self.size, "sha256": self.sha.hexdigest()}
-
-
-def write_file(path: Path, data: bytes) -> dict:
-    f = HashedFile(path)
-    f.write(data)
-    return f.close()
-
-
 class ShardWriter:
     """Appends the documents of one source and split to shards, starting a new shard at a size cap.
 
@@ -77,14 +47,14 @@ class ShardWriter:
         self.source_dir, self.split, self.dtype = source_dir, split, dtype
         self.max_tokens, self.with_mask, self.numbers = max_tokens, with_mask, numbers
         self.shards: list[dict] = []
-        self._open: tuple[str, HashedFile, HashedFile | None] | None = None
+        self._open: tuple[str, AtomicFile, AtomicFile | None] | None = None
         self._offsets: list[int] = [0]
 
     def add(self, ids: np.ndarray, mask: np.ndarray | None) -> None:
         if self._open is None:
             name = f"shard_{next(self.numbers):05d}"
-            mask_file = HashedFile(self.source_dir / f"{name}.mask") if self.with_mask else None
-            self._open = (name, HashedFile(self.source_dir / f"{name}.bin"), mask_file)
+            mask_file = AtomicFile(self.source_dir / f"{name}.mask") if self.with_mask else None
+            self._open = (name, AtomicFile(self.source_dir / f"{name}.bin"), mask_file)
         _, bin_file, mask_file = self._open
         bin_file.write(ids.astype(self.dtype, copy=False).tobytes())
         if mask_file is not None:
@@ -102,14 +72,14 @@ class ShardWriter:
         if mask_file is not None:
             files["mask"] = mask_file.close()
         offsets = np.asarray(self._offsets, dtype=IDX_DTYPE)
-        files["idx"] = write_file(self.source_dir / f"{name}.idx", offsets.tobytes())
+        files["idx"] = atomic_write(self.source_dir / f"{name}.idx", offsets.tobytes())
         self.shards.append({"name": name, "split": self.split, "docs": len(offsets) - 1,
                             "tokens": int(offsets[-1]), "files": files})
         self._open, self._offsets = None, [0]
 
 
 def write_meta(out_dir: Path, meta: dict) -> None:
-    write_file(out_dir / META_NAME, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write(out_dir / META_NAME, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
 
 
 def read_meta(cache_dir: Path) -> dict:
@@ -137,13 +107,8 @@ def check_file(path: Path, entry: dict, verify: Verify) -> None:
     size = path.stat().st_size
     if size != entry["size"]:
         raise PocketLMError(f"{path} is {size} bytes, meta.json says {entry['size']} (truncated?); {fix}")
-    if verify == "sha256":
-        sha = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                sha.update(block)
-        if sha.hexdigest() != entry["sha256"]:
-            raise PocketLMError(f"{path} sha256 does not match meta.json; {fix}")
+    if verify == "sha256" and sha256_file(path) != entry["sha256"]:
+        raise PocketLMError(f"{path} sha256 does not match meta.json; {fix}")
 
 
 @dataclass(frozen=True)

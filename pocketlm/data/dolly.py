@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator
 
-from pocketlm.data.rows import JSON_EXTS, Row, get_str, hub_rows, json_rows, local_files
+from pocketlm.data.rows import JSON_EXTS, Row, get_strs, hub_rows, json_rows, local_files
 from pocketlm.data.sources import LoadContext
 
 
@@ -26,10 +26,10 @@ def load(ctx: LoadContext) -> Iterator[dict[str, Any]]:
     rows: Iterator[Row] = (hub_rows(ctx, ctx.opt_str("split", "train") or "train") if files is None
                            else json_rows(ctx, files))
     for row in rows:
-        instruction = get_str(ctx, row, "instruction")
-        response = get_str(ctx, row, "response") if instruction is not None else None
-        if instruction is None or response is None:
+        fields = get_strs(ctx, row, ("instruction", "response"))
+        if fields is None:
             continue
+        instruction, response = fields
         # The hub and the mirror both use "" for "no context"; a null is read the same way.
         context = row.data.get("context") or ""
         if not instruction.strip() or not response.strip():

@@ -17,7 +17,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from pocketlm.data.rows import JSON_EXTS, Row, get_str, hub_rows, json_rows, local_files, reject
+from pocketlm.data.rows import JSON_EXTS, Row, get_strs, hub_rows, json_rows, local_files, reject
 from pocketlm.data.sources import LoadContext
 
 ROLES = {"prompter": "user", "assistant": "assistant"}
@@ -43,8 +43,8 @@ def _read(ctx: LoadContext, rows: Iterator[Row], lang: str) -> tuple[dict[str, M
     kept: dict[str, Message] = {}
     removed: dict[str, str] = {}
     for row in rows:
-        fields = [get_str(ctx, row, k) for k in ("message_id", "role", "text")]
-        if None in fields:
+        fields = get_strs(ctx, row, ("message_id", "role", "text"))
+        if fields is None:
             continue
         mid, role, text = fields
         if role not in ROLES:

@@ -3,8 +3,8 @@
 A page becomes its title, a blank line, and its blocks as an indented `- ` outline. Roam markup is
 turned into plain words: `((uid))` block references become the referenced block's text (across
 pages), `[[link]]`, `#tag` and `#[[multi word]]` become the words, `[alias](((uid)))` /
-`[alias]([[page]])` become the alias and `{{macro: arg}}` its argument. Pages with no block text
-are dropped (counted).
+`[alias]([[page]])` become the alias and `{{macro: arg}}` its argument, braces and all
+(`{{query: {and: [[A]] [[B]]}}}` -> `{and: A B}`). Pages with no block text are dropped (counted).
 
 These are personal notes: nothing about their content is ever logged, only counts. Errors name the
 file and the page/block position, never the text. The export is nested JSON that `datasets` cannot
@@ -20,35 +20,74 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from pocketlm import PocketLMError
-from pocketlm.data.rows import local_files, reject
+from pocketlm.data.rows import json_message, local_files, not_utf8, reject
 from pocketlm.data.sources import LoadContext
 
 BLOCK_REF = re.compile(r"\(\(([\w-]+)\)\)")
 ALIAS = re.compile(r"\[([^\]]*)\]\((?:\(\([\w-]+\)\)|\[\[[^\]]*\]\])\)")
-MACRO = re.compile(r"\{\{(?:\[\[)?([^{}:\]]*)(?:\]\])?(?::\s*([^{}]*))?\}\}")
+MACRO_NAME = re.compile(r"(?:\[\[)?([^{}:\]]*)(?:\]\])?")  # `name` or `[[name]]`
 TAG_LINK = re.compile(r"#\[\[([^\[\]]*)\]\]")
 LINK = re.compile(r"\[\[([^\[\]]*)\]\]")
 TAG = re.compile(r"(?<![\w/#&])#([\w/-]+)")
 MAX_REF_DEPTH = 5  # references can form cycles; deeper chains are cut
 
 
+FIX = "pass the JSON export of a Roam graph (.json or .zip)"
+
+
 def read_export(path: Path) -> list[tuple[str, Any]]:
     """(where, parsed JSON) for the .json file, or for each .json member of an export .zip."""
     if path.suffix == ".zip":
-        with zipfile.ZipFile(path) as zf:
-            names = sorted(n for n in zf.namelist() if n.endswith(".json"))
-            if not names:
-                raise PocketLMError(f"{path}: the zip holds no .json file; export the graph as JSON from Roam")
-            return [(f"{path}!{n}", _parse(f"{path}!{n}", zf.read(n).decode("utf-8-sig"))) for n in names]
-    return [(str(path), _parse(str(path), path.read_text(encoding="utf-8-sig")))]
+        try:
+            with zipfile.ZipFile(path) as zf:
+                names = sorted(n for n in zf.namelist() if n.endswith(".json"))
+                if not names:
+                    raise PocketLMError(f"{path}: the zip holds no .json file; export the graph as JSON from Roam")
+                return [(f"{path}!{n}", _parse(f"{path}!{n}", zf.read(n))) for n in names]
+        except zipfile.BadZipFile:
+            raise PocketLMError(f"{path}: not a zip file; {FIX}") from None
+    return [(str(path), _parse(str(path), path.read_bytes()))]
 
 
-def _parse(where: str, text: str) -> Any:
+def _parse(where: str, data: bytes) -> Any:
     try:
-        return json.loads(text)
+        return json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise PocketLMError(f"{where}: {not_utf8(e)}; {FIX}") from None
     except json.JSONDecodeError as e:
-        raise PocketLMError(f"{where} line {e.lineno} column {e.colno}: not valid JSON ({e.msg}); "
-                            "pass the JSON export of a Roam graph (.json or .zip)") from None
+        raise PocketLMError(f"{where} line {e.lineno} column {e.colno}: not valid JSON ({json_message(e)}); "
+                            f"{FIX}") from None
+
+
+def _macro_end(s: str, start: int) -> int | None:
+    """The end of the `{{...}}` opening at `start`, its braces balanced; None when it never closes."""
+    depth = 0
+    for i in range(start, len(s)):
+        if s[i] == "{":
+            depth += 1
+        elif s[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return i + 1 if s[i - 1] == "}" else None
+    return None
+
+
+def macros(s: str) -> str:
+    """`{{name}}` -> name, `{{name: arg}}` -> arg (name as `[[name]]` too). The argument may hold
+    braces of its own, e.g. a query `{{query: {and: [[A]] [[B]]}}}` -> `{and: [[A]] [[B]]}`, and
+    macros of its own, converted the same way. Unbalanced braces are left as they are."""
+    out, at = [], 0
+    while (start := s.find("{{", at)) >= 0:
+        end = _macro_end(s, start)
+        name, colon, arg = s[start + 2:end - 2].partition(":") if end else ("", "", "")
+        named = MACRO_NAME.fullmatch(name.strip())
+        if end is None or named is None:  # not a macro here; one may start at the next brace
+            out.append(s[at:start + 1])
+            at = start + 1
+            continue
+        out += [s[at:start], macros(arg).strip() or named.group(1).strip()]
+        at = end
+    return "".join(out) + s[at:]
 
 
 def _check_pages(ctx: LoadContext, where: str, data: Any) -> list[dict[str, Any]]:
@@ -82,7 +121,7 @@ class Resolver:
     def plain(self, s: str, depth: int = 0) -> str:
         s = ALIAS.sub(r"\1", s)
         s = BLOCK_REF.sub(lambda m: self._ref(m.group(1), depth), s)
-        s = MACRO.sub(lambda m: (m.group(2) or m.group(1)).strip(), s)
+        s = macros(s)
         s = TAG_LINK.sub(r"\1", s)
         while LINK.search(s):  # nested links [[a [[b]]]] unwrap from the inside out
             s = LINK.sub(r"\1", s)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -17,6 +18,7 @@ from pocketlm import PocketLMError
 from pocketlm.data.sources import DATA_DIR_ENV, LoadContext
 
 JSON_EXTS = (".jsonl", ".json", ".parquet")
+_BAD_BYTE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of a byte that is not UTF-8
 # Rows are taken from datasets in batches of this many: its own per-row iteration slices an arrow
 # table and converts it for every row, which costs more CPU than parsing the JSON.
 ROW_BATCH = 256
@@ -41,12 +43,22 @@ class Row:
 def _record_line(path: Path, index: int) -> int:
     """Line number of the index-th record: pyarrow numbers rows skipping blank lines, so count the same way."""
     seen = -1
-    with path.open(encoding="utf-8") as fh:
+    with path.open(encoding="utf-8", errors="surrogateescape") as fh:  # counting lines, not reading text
         for lineno, line in enumerate(fh, 1):
             seen += bool(line.strip())
             if seen == index:
                 return lineno
     raise PocketLMError(f"{path}: has fewer than {index + 1} records; the file changed while it was read")
+
+
+def json_message(e: json.JSONDecodeError) -> str:
+    """json's message without the " at" some end in ("Unterminated string starting at"), which
+    json's own str() completes with the position: callers add the position themselves."""
+    return e.msg.removesuffix(" at")
+
+
+def not_utf8(e: UnicodeDecodeError) -> str:
+    return f"not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})"
 
 
 def reject(ctx: LoadContext, where: str, problem: str, reason: str) -> None:
@@ -64,6 +76,18 @@ def get_str(ctx: LoadContext, row: Row, name: str) -> str | None:
     problem = "is missing" if value is None else f"is {type(value).__name__}, expected a string"
     reject(ctx, row.where(), f"field {name!r} {problem}", f"bad record: field {name!r} missing or not a string")
     return None
+
+
+def get_strs(ctx: LoadContext, row: Row, names: tuple[str, ...]) -> list[str] | None:
+    """The string fields `names` of a row, or None when one is missing or not a string: the row is
+    rejected (and counted) once, for the first such field."""
+    values = []
+    for name in names:
+        value = get_str(ctx, row, name)
+        if value is None:
+            return None
+        values.append(value)
+    return values
 
 
 def data_files(root: Path, exts: tuple[str, ...], split: str | None) -> list[Path]:
@@ -120,7 +144,11 @@ def json_rows(ctx: LoadContext, files: list[Path]) -> Iterator[Row]:
     logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
     for f in files:
         builder = "parquet" if f.suffix == ".parquet" else "json"
-        ds = datasets.load_dataset(builder, data_files=[str(f)], split="train", streaming=True)
+        try:
+            ds = datasets.load_dataset(builder, data_files=[str(f)], split="train", streaming=True)
+        except StopIteration:  # the json builder reads a first record to guess the schema
+            reject(ctx, str(f), "the file holds no records", "bad file: no records")
+            continue
         n = 0
         try:
             for data in _records(ds):
@@ -136,14 +164,22 @@ def json_rows(ctx: LoadContext, files: list[Path]) -> Iterator[Row]:
 
 def _json_lines(ctx: LoadContext, path: Path, skip: int) -> Iterator[Row]:
     good = 0
-    with path.open(encoding="utf-8") as fh:
+    # surrogateescape: a byte that is not UTF-8 becomes a lone surrogate, so one bad line is found
+    # and reported (or skipped) without ending the read of the others.
+    with path.open(encoding="utf-8", errors="surrogateescape") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
+                continue
+            bad = _BAD_BYTE.search(line)
+            if bad:
+                byte = ord(bad.group()) - 0xDC00
+                reject(ctx, f"{path} line {lineno}", f"not UTF-8 text (byte 0x{byte:02x} at column "
+                       f"{bad.start() + 1})", "bad line: not UTF-8")
                 continue
             try:
                 data = json.loads(line)
             except json.JSONDecodeError as e:
-                reject(ctx, f"{path} line {lineno}", f"malformed JSON ({e.msg} at column {e.colno})",
+                reject(ctx, f"{path} line {lineno}", f"malformed JSON ({json_message(e)} at column {e.colno})",
                        "bad line: malformed JSON")
                 continue
             if not isinstance(data, dict):

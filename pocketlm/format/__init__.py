@@ -1,10 +1,10 @@
 """Training formats: how documents and chats become token ids and loss labels.
 
 `sft` (chat -> ids + labels), `pretrain` (document -> ids ending in the boundary token, window
-positions) and `packing` (best-fit packing of conversations into rows, truncation, attention masks).
+positions) and `packing` (best-fit packing of conversations into rows, truncation, document ids).
 This stage knows nothing about files: the cache stage stores what these functions produce.
 """
 
-from pocketlm.format.sft import IGNORE_INDEX
-
-__all__ = ["IGNORE_INDEX"]
+# The label of a token that takes no loss: torch's cross_entropy default ignore_index. Defined here,
+# with no imports, so the model and the trainer can read it without loading the tokenizer.
+IGNORE_INDEX = -100

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pocketlm.format.sft import IGNORE_INDEX
+from pocketlm.format import IGNORE_INDEX
 
 
 def truncate_length(mask: np.ndarray, block_size: int) -> int:
@@ -89,9 +89,3 @@ def pack_row(convs: Sequence[tuple[np.ndarray, np.ndarray]], block_size: int,
     positions[at:] = np.arange(block_size - at)
     return {"x": x, "y": y, "positions": positions, "doc_ids": doc_ids}
 
-
-def doc_attention_mask(doc_ids: np.ndarray) -> np.ndarray:
-    """(..., T, T) boolean mask: query i may attend key j iff j <= i and both are in one document."""
-    t = doc_ids.shape[-1]
-    same = doc_ids[..., :, None] == doc_ids[..., None, :]
-    return same & np.tril(np.ones((t, t), dtype=bool))

@@ -14,13 +14,9 @@ import numpy as np
 from pocketlm.tokenizer.tokenizer_sp import Tokenizer
 
 
-def encode_document(tok: Tokenizer, text: str) -> list[int]:
-    """The document's ids followed by the boundary token `<|eot|>`."""
-    return tok.encode(text) + [tok.eot_id]
-
-
 def encode_documents(tok: Tokenizer, texts: Sequence[str]) -> list[np.ndarray]:
-    """`encode_document` of each text as an int32 array, encoded in bulk (`Tokenizer.encode_batch`)."""
+    """Each document's ids followed by the boundary token `<|eot|>`, as int32 arrays, encoded in bulk
+    (`Tokenizer.encode_batch`: no Python int per token)."""
     eot = np.int32(tok.eot_id)
     return [np.append(ids, eot) for ids in tok.encode_batch(texts)]
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 from typing import Literal, Sequence
 
 from pocketlm import PocketLMError
+from pocketlm.format import IGNORE_INDEX
 from pocketlm.tokenizer.chat_template import render_chat
 from pocketlm.tokenizer.tokenizer_sp import Tokenizer
-
-IGNORE_INDEX = -100  # torch's cross_entropy default ignore_index
 
 MaskMode = Literal["assistant", "all"]
 MASK_MODES: tuple[str, ...] = ("assistant", "all")

@@ -42,7 +42,7 @@ def _load(args: argparse.Namespace):
     from pocketlm.config import resolve
     from pocketlm.infer.config import GenConfig
     from pocketlm.model.io import load_model
-    from pocketlm.train.precision import pick_device
+    from pocketlm.device import pick_device
 
     cfg = resolve(GenConfig, args)
     cfg.validate()

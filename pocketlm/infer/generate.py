@@ -1,7 +1,7 @@
 """Generation with a KV cache: one prefill forward over the prompt, then one forward per new token.
 
 Batch size is 1: one prompt, one sequence, one KVCache per call (concurrent callers each get their
-own cache; a shared `lock` serialises the forwards). Stops on the `<|eot|>` id only, never on text.
+own cache; a shared `lock` serialises their device work). Stops on the `<|eot|>` id only, never on text.
 Each new token is yielded as a `Step` with what the inspector shows; all of a step's numbers come
 back from the device in one transfer (the chosen id is needed on the host anyway, to test for eot).
 """
@@ -77,7 +77,8 @@ class Generation:
 def generate(model: torch.nn.Module, tok, prompt_ids: list[int], cfg: GenConfig,
              on_step: Callable[[Step], None] | None = None, *, cancel: threading.Event | None = None,
              lock: threading.Lock | None = None) -> Generation:
-    """Generate after `prompt_ids`. `cancel` stops before the next token; `lock` guards every forward."""
+    """Generate after `prompt_ids`. `cancel` stops before the next token; `lock` (a DeviceLock when
+    threads share the model) is held for all of a step's device work: forward, sampling, statistics."""
     cfg.validate()
     block = model.cfg.block_size
     if not 0 < len(prompt_ids) <= block:
@@ -86,27 +87,30 @@ def generate(model: torch.nn.Module, tok, prompt_ids: list[int], cfg: GenConfig,
 
     def steps(gen: Generation) -> Iterator[Step]:
         param = next(model.parameters())
-        # The last token is never fed back, so prompt + max_new_tokens positions always suffice.
-        cache = KVCache(model.cfg, 1, min(block, len(prompt_ids) + cfg.max_new_tokens), param.device, param.dtype)
+        with guard:  # all device work holds the lock: MPS crashes with two threads at once (pytorch#197805)
+            # The last token is never fed back, so prompt + max_new_tokens positions always suffice.
+            cache = KVCache(model.cfg, 1, min(block, len(prompt_ids) + cfg.max_new_tokens), param.device,
+                            param.dtype)
+            rng = make_generator(cfg.seed, param.device)
+            ids = torch.tensor([prompt_ids], dtype=torch.long, device=param.device)
         bytes_per_pos = cache.nbytes // cache.max_len
-        rng = make_generator(cfg.seed, param.device)
         detok = StreamDecoder(tok)
         hooks, captured = _signal_hooks(model, cfg)
         n_layer, n_head, k = model.cfg.n_layer, model.cfg.n_head, cfg.top_alternatives
 
-        def forward(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            """Last-position logits and the flat signal vector, with no autograd anywhere."""
+        def device_step(ids: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+            """Forward, sampling and the step's numbers on the host, under the lock and without autograd."""
             with guard, torch.inference_mode(), model.hooks(hooks):
                 logits, _ = model(ids, cache=cache)
                 # A vocabulary padded past the tokenizer's ids is cut: those ids could never be decoded.
-                return logits[0, -1, :tok.vocab_size].float(), _signals(model, captured, cfg, tok.vocab_size)
+                logits = logits[0, -1, :tok.vocab_size].float()
+                signals = _signals(model, captured, cfg, tok.vocab_size)
+                ids = sample_next(logits, cfg, rng).view(1, 1)
+                return ids, torch.cat([step_stats(logits, ids[0, 0], k), signals]).tolist()
 
-        ids = torch.tensor([prompt_ids], dtype=torch.long, device=param.device)
         for index in range(cfg.max_new_tokens):
             t0 = time.perf_counter()
-            logits, signals = forward(ids)
-            ids = sample_next(logits, cfg, rng).view(1, 1)
-            host = torch.cat([step_stats(logits, ids[0, 0], k), signals]).tolist()
+            ids, host = device_step(ids)
             ms = (time.perf_counter() - t0) * 1e3
             if index == 0:
                 gen.prefill = Prefill(len(prompt_ids), ms, cache.pos, cache.pos * bytes_per_pos)

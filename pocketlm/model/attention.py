@@ -8,12 +8,15 @@ With a cache, hook_k/hook_v/hook_rot_k see only the new tokens; scores and patte
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pocketlm.device import is_mps
 from pocketlm.model.config import GPTConfig
 from pocketlm.model.hooks import HookPoint
 from pocketlm.model.rope import apply_rope
@@ -52,8 +55,12 @@ class CausalSelfAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D) for SDPA
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        if self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks():
+        mps = is_mps(q.device)
+        if self.hook_attn_scores.has_hooks() or self.hook_pattern.has_hooks() or (mps and not sdpa_trusted(q.device)):
             z = self._explicit(q, k, v, is_causal, attn_mask)
+        elif mps:  # MPS SDPA kernels were wrong on non-contiguous q/k/v (pytorch#163597)
+            z = F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous(), attn_mask=attn_mask,
+                                               is_causal=is_causal)
         else:
             z = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         z = self.hook_z(z.transpose(1, 2))
@@ -62,11 +69,53 @@ class CausalSelfAttention(nn.Module):
     def _explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool,
                   attn_mask: torch.Tensor | None) -> torch.Tensor:
         """Attention with the scores and pattern materialised, for hooks that read or edit them."""
-        scores = (q @ k.transpose(-2, -1)) * self.head_dim ** -0.5
-        if is_causal:
-            attn_mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-        if attn_mask is not None:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
-        scores = self.hook_attn_scores(scores)
-        pattern = self.hook_pattern(torch.softmax(scores.float(), dim=-1).to(v.dtype))
-        return pattern @ v
+        return explicit_attention(q, k, v, is_causal, attn_mask, self.hook_attn_scores, self.hook_pattern)
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool,
+                       attn_mask: torch.Tensor | None, on_scores: Callable = lambda t: t,
+                       on_pattern: Callable = lambda t: t) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v, with the scores and pattern passed through `on_scores`/`on_pattern`."""
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    if is_causal:
+        attn_mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    scores = on_scores(scores)
+    pattern = on_pattern(torch.softmax(scores.float(), dim=-1).to(v.dtype))
+    return pattern @ v
+
+
+_SDPA_TRUSTED: dict[str, bool] = {}  # device -> whether its fused SDPA matched the explicit path
+
+
+def sdpa_trusted(device: torch.device) -> bool:
+    """Whether the device's fused SDPA agrees with `explicit_attention`: checked once per process on a
+    small input (KV lengths around a multiple of 32, prefill with a mask and single-token decode, where
+    MPS kernels have been wrong: pytorch#163597, PR #169222). When it disagrees, attention takes the
+    explicit path on that device, with a warning."""
+    key = str(device)
+    if key not in _SDPA_TRUSTED:
+        _SDPA_TRUSTED[key] = _sdpa_agrees(device)
+        if not _SDPA_TRUSTED[key]:
+            warnings.warn(f"scaled_dot_product_attention on {device} disagrees with the explicit computation "
+                          f"in torch {torch.__version__}; using the explicit path (slower, correct)", stacklevel=2)
+    return _SDPA_TRUSTED[key]
+
+
+def _sdpa_agrees(device: torch.device) -> bool:
+    gen = torch.Generator().manual_seed(0)
+    # Without autocast: the first forward (which runs this check) may be inside a training step's.
+    with torch.no_grad(), torch.autocast(device.type, enabled=False):
+        for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2)):
+            for n_keys, n_queries in ((33, 33), (47, 1), (64, 1), (70, 5)):
+                q, k, v = (torch.randn(1, 2, n, 16, generator=gen).to(device, dtype)
+                           for n in (n_queries, n_keys, n_keys))
+                mask = None
+                if n_queries > 1:  # the last n_queries of n_keys positions, causally
+                    q_pos = torch.arange(n_keys - n_queries, n_keys, device=device)
+                    mask = torch.arange(n_keys, device=device)[None, :] <= q_pos[:, None]
+                fused = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                if not torch.allclose(fused.float(), explicit_attention(q, k, v, False, mask).float(), atol=tol):
+                    return False
+    return True

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pocketlm import PocketLMError
+from pocketlm.format import IGNORE_INDEX
 from pocketlm.model.attention import CausalSelfAttention
 from pocketlm.model.config import GPTConfig
 from pocketlm.model.hooks import HookedModule, HookPoint
@@ -25,8 +26,6 @@ from pocketlm.model.rope import RotaryEmbedding
 
 if TYPE_CHECKING:
     from pocketlm.infer.kv_cache import KVCache
-
-IGNORE_INDEX = -100
 
 
 class Block(nn.Module):

@@ -8,7 +8,6 @@ safetensors and tokenizer files are written here directly: transformers is not n
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pocketlm import PocketLMError
+from pocketlm.files import publish_dir, staging_dir
 from pocketlm.model.config import GPTConfig
 from pocketlm.model.gpt_v1 import GPT
 from pocketlm.model.io import TOKENIZER_FILE, read_model_folder, save_model
@@ -143,21 +143,11 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Move a finished folder into place, replacing an earlier export of the same name."""
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-
-
 def export_hf(ckpt: str | Path, out: str | Path) -> Path:
     """Write a LlamaForCausalLM folder (config, weights, tokenizer, generation config) from a model folder."""
     cfg, state, info = read_model_folder(ckpt)
     out = Path(out).expanduser()
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = staging_dir(out)
     tok_file = Path(ckpt).expanduser() / TOKENIZER_FILE
     eot = _eot_id(tok_file)
     save_file(to_hf_state_dict(state, cfg), str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -169,7 +159,7 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
         "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
         "eos_token": EOT_PIECE, "pad_token": EOT_PIECE, "unk_token": "<unk>",
         "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False})
-    _publish(tmp, out)
+    publish_dir(tmp, out)
     return out
 
 

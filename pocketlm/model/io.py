@@ -7,9 +7,7 @@ the caller's `meta`. Weights are stored once (the output projection is the tied 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,22 +17,16 @@ from safetensors.torch import load_file, save_file
 
 from pocketlm import PocketLMError
 from pocketlm.config import from_dict
+from pocketlm.files import publish_dir, sha256_file, staging_dir
 from pocketlm.model.config import GPTConfig
 from pocketlm.model.gpt_v1 import GPT
+from pocketlm.tokenizer.tokenizer_sp import MODEL_FILE as TOKENIZER_FILE
+from pocketlm.tokenizer.tokenizer_sp import Tokenizer
 
 WEIGHTS_FILE = "model.safetensors"
 INFO_FILE = "model.json"
-TOKENIZER_FILE = "tokenizer.model"
 FORMAT = "pocketlm-model"
 FORMAT_VERSION = 1
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save_model(dir: str | Path, model: GPT, tokenizer_path: str | Path, meta: dict[str, Any]) -> Path:
@@ -47,10 +39,7 @@ def save_model(dir: str | Path, model: GPT, tokenizer_path: str | Path, meta: di
     tok_src = Path(tokenizer_path).expanduser()
     if not tok_src.is_file():
         raise PocketLMError(f"tokenizer model {tok_src} not found: pass the tokenizer.model the model was trained with")
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = staging_dir(out)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
     shutil.copyfile(tok_src, tmp / TOKENIZER_FILE)
@@ -61,16 +50,7 @@ def save_model(dir: str | Path, model: GPT, tokenizer_path: str | Path, meta: di
         "special_ids": meta.get("special_ids"), "meta": meta,
     }
     (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    if out.exists():
-        # Directories can't be swapped atomically; move the old one aside only for the rename itself.
-        old = out.with_name(out.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, out)
+    publish_dir(tmp, out)
     return out
 
 
@@ -100,8 +80,6 @@ def load_model(dir: str | Path, device: str | torch.device = "cpu") -> tuple[GPT
 
     Weights are read to CPU inside this function, so nothing but the model keeps them alive.
     """
-    from pocketlm.tokenizer.tokenizer_sp import Tokenizer
-
     cfg, state, info = read_model_folder(dir)
     tok = Tokenizer.load(Path(dir).expanduser() / TOKENIZER_FILE)
     if tok.vocab_size > cfg.vocab_size:

@@ -10,17 +10,20 @@ import torch
 from torch import nn
 
 from pocketlm import PocketLMError
+from pocketlm.mps_rules import on_host
 
 
 def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables (length, head_dim) in fp32, with each frequency repeated across the two halves.
 
-    Angles are computed in fp64 so the table is exact to fp32 rounding even at long positions.
+    Angles are computed in fp64 so the table is exact to fp32 rounding even at long positions; that is
+    host work (MPS has no fp64): the fp32 tables move to the device with the module.
     """
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
-    angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos().float(), angles.sin().float()
+    with on_host():
+        inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
+        angles = torch.cat((angles, angles), dim=-1)
+        return angles.cos().float(), angles.sin().float()
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -43,8 +43,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from pocketlm import PocketLMError
     from pocketlm.model.io import load_model
     from pocketlm.serve.app import create_app
+    from pocketlm.device import pick_device
     from pocketlm.serve.guard import GuardConfig, allowed_hosts
-    from pocketlm.train.precision import pick_device
 
     if args.max_body_bytes < 1024:
         raise PocketLMError(f"--max-body-bytes {args.max_body_bytes} is too small for any chat; use 1024 or more")

@@ -1,7 +1,8 @@
 """Runs generations for the server: one thread per request, one model forward at a time.
 
 Every request gets its own KVCache and random generator (inside `generate`); the model itself is
-shared, so a lock serialises the forwards and concurrent requests interleave token by token. A
+shared, so a DeviceLock serialises every step's device work (forward, sampling, statistics: MPS
+crashes when two threads run ops at once) and concurrent requests interleave token by token. A
 request's steps travel to its async handler through an asyncio queue; when the handler goes away
 (client disconnected, stop pressed) the request's cancel event stops its thread before the next step.
 
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from sse_starlette import EventSourceResponse
 
+from pocketlm.device import DeviceLock
 from pocketlm.infer.generate import Generation, Step, generate
 from pocketlm.infer.sampling import GenConfig
 from pocketlm.serve.prompt import RequestError
@@ -45,7 +47,7 @@ class Engine:
     def __init__(self, model: torch.nn.Module, tok, max_active: int) -> None:
         self.model, self.tok = model, tok
         self.max_active = max_active
-        self.lock = threading.Lock()  # one forward at a time through the shared model
+        self.lock = DeviceLock()  # one request's device work at a time through the shared model
         self.jobs: dict[str, Job] = {}  # admitted requests, by id (for the inspector's stop button)
         self.finished: Counter[str] = Counter()  # finish reasons of completed requests
 

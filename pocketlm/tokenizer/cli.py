@@ -6,27 +6,17 @@ What a source may be (a data source spec or a path) is described in `pocketlm.to
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from pocketlm import PocketLMError
 from pocketlm.config import add_dataclass_args, resolve
+from pocketlm.tokenizer.config import TokenizerTrainConfig
 from pocketlm.tokenizer.corpus import source_documents
 
 if TYPE_CHECKING:  # the real import waits for a handler: it loads sentencepiece and numpy
     from pocketlm.tokenizer.tokenizer_sp import Tokenizer
-
-
-@dataclasses.dataclass
-class TokenizerTrainConfig:
-    vocab_size: int = dataclasses.field(default=16000, metadata={"help": "pieces in the vocabulary"})
-    max_sentences: int = dataclasses.field(
-        default=50_000, metadata={"help": "cap on training chunks (<= 2 KB each); more are sampled with the seed"})
-    seed: int = dataclasses.field(default=0, metadata={"help": "seed of the chunk sample"})
-    holdout_every: int = dataclasses.field(
-        default=50, metadata={"help": "every Nth document of the first source is held out to measure bytes/token"})
 
 
 def _corpus(specs: list[str], data_dir: str | None, holdout_every: int, held_out: list[str]) -> Iterator[str]:

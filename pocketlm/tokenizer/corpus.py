@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pocketlm import PocketLMError
+from pocketlm.data.rows import json_message, not_utf8
 
 
 def _is_path(spec: str) -> bool:
@@ -43,7 +44,8 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, dict]]:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
-                raise PocketLMError(f"{path}:{n}: invalid JSON ({e.msg}); fix or remove the line") from None
+                raise PocketLMError(f"{path}:{n}: invalid JSON ({json_message(e)} at column {e.colno}); "
+                                    "fix or remove the line") from None
             if not isinstance(rec, dict):
                 raise PocketLMError(f"{path}:{n}: expected a JSON object, got {type(rec).__name__}")
             yield f"{path}:{n}", rec
@@ -54,7 +56,7 @@ def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
-        raise PocketLMError(f"{path}: not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+        raise PocketLMError(f"{path}: {not_utf8(e)}; "
                             "convert it to UTF-8 or read it through its data source") from None
 
 

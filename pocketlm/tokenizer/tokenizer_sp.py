@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import random
 import re
 import time
@@ -23,6 +22,8 @@ import numpy as np
 import sentencepiece as spm
 
 from pocketlm import PocketLMError
+from pocketlm.files import atomic_write
+from pocketlm.tokenizer.config import TokenizerTrainConfig
 
 # Control symbols: ids 1..4 in this order (0 is <unk>). Content text never encodes to them.
 SPECIAL_TOKENS = ("<|sys|>", "<|usr|>", "<|asst|>", "<|eot|>")
@@ -32,9 +33,6 @@ TRAIN_INFO_FILE = "tokenizer_train.json"
 # SentencePiece skips "sentences" longer than max_sentence_length bytes, so documents are cut into
 # chunks of at most this many characters (4 UTF-8 bytes each at worst) before training.
 CHUNK_CHARS = 2048
-# Chunks kept for training (a seeded reservoir sample beyond this). At most 2 KB each, so at most
-# ~100 MB of text: training costs ~2 CPU-seconds and ~35 MB of RAM per MB of text.
-DEFAULT_MAX_SENTENCES = 50_000
 # EM statistics are summed per thread, so the thread count is part of what makes a model
 # reproducible: fixed, not os.cpu_count().
 TRAIN_THREADS = 2
@@ -102,19 +100,15 @@ class _Sample:
                 self.sentences += 1
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def train_tokenizer(corpus_iter: Iterable[str], vocab_size: int = 16000,
+def train_tokenizer(corpus_iter: Iterable[str], vocab_size: int = TokenizerTrainConfig.vocab_size,
                     special_tokens: Sequence[str] = SPECIAL_TOKENS, out_dir: str | Path = "tokenizer",
-                    seed: int = 0, max_sentences: int = DEFAULT_MAX_SENTENCES) -> Path:
+                    seed: int = TokenizerTrainConfig.seed,
+                    max_sentences: int = TokenizerTrainConfig.max_sentences) -> Path:
     """Train a unigram model on an iterator of documents; write `out_dir/tokenizer.model`.
 
-    Deterministic: the same documents, seed and cap give a byte-identical model file. Beside it,
-    `tokenizer_train.json` records the seed, the cap and how much text was seen.
+    Chunks beyond `max_sentences` are a seeded reservoir sample. Deterministic: the same documents,
+    seed and cap give a byte-identical model file. Beside it, `tokenizer_train.json` records the
+    seed, the cap and how much text was seen.
     Extra special tokens may follow the four of SPECIAL_TOKENS (ids 5, 6, ...).
     """
     if tuple(special_tokens[:len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
@@ -141,9 +135,9 @@ def train_tokenizer(corpus_iter: Iterable[str], vocab_size: int = 16000,
                             "(lower --vocab-size or give more text)") from e
     train_seconds = time.perf_counter() - t0 - read_seconds
     model_path = out / MODEL_FILE
-    _atomic_write(model_path, model.getvalue())
+    written = atomic_write(model_path, model.getvalue())
     info = {
-        "model": MODEL_FILE, "sha256": hashlib.sha256(model.getvalue()).hexdigest(),
+        "model": MODEL_FILE, "sha256": written["sha256"],
         "vocab_size": vocab_size, "special_tokens": {t: i + 1 for i, t in enumerate(special_tokens)},
         "seed": seed, "max_sentences": max_sentences, "chunk_chars": CHUNK_CHARS,
         "num_threads": TRAIN_THREADS, "documents": sample.documents, "characters": sample.chars,
@@ -151,7 +145,7 @@ def train_tokenizer(corpus_iter: Iterable[str], vocab_size: int = 16000,
         "read_seconds": round(read_seconds, 2), "train_seconds": round(train_seconds, 2),
         "sentencepiece": spm.__version__,
     }
-    _atomic_write(out / TRAIN_INFO_FILE, (json.dumps(info, indent=2) + "\n").encode())
+    atomic_write(out / TRAIN_INFO_FILE, (json.dumps(info, indent=2) + "\n").encode())
     return model_path
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pocketlm.cache.config import DEFAULT_MIXTURE
+
 
 @dataclass
 class TrainConfig:
@@ -17,7 +19,7 @@ class TrainConfig:
     name: str = field(default="default", metadata={"help": "run folder name under runs_dir"})
     runs_dir: str = field(default="runs", metadata={"help": "where run folders live"})
     cache: str = field(default="cache/default", metadata={"help": "token cache dir from `pocketlm cache build`"})
-    pretrain_mix: tuple[str, ...] = field(default=("fineweb_edu=0.95", "roam=0.05"),
+    pretrain_mix: tuple[str, ...] = field(default=tuple(f"{n}={w}" for n, w in DEFAULT_MIXTURE.items()),
                                           metadata={"help": "pretrain sources as SOURCE=WEIGHT"})
     eval_sources: tuple[str, ...] = field(default=("wikitext",),
                                           metadata={"help": "extra sources evaluated, never trained on"})
@@ -52,6 +54,14 @@ class TrainConfig:
     precision: str = field(default="auto", metadata={"help": "auto | fp32 | bf16 | fp16"})
     compile: bool | None = field(default=None, metadata={"help": "torch.compile; unset: on for CUDA only"})
     checkpointing: bool = field(default=False, metadata={"help": "activation checkpointing per block"})
+    # several processes (torchrun): how compiled DDP overlaps the gradient all-reduce with the backward
+    ddp_bucket_mb: float = field(default=25.0, metadata={"help": "DDP gradient bucket size in MB"})
+    ddp_static_graph: bool = field(default=False, metadata={"help": "DDP static_graph (the same parameters get "
+                                                                     "gradients every step)"})
+    ddp_graph_split: bool = field(default=True, metadata={"help": "with compile: split the graph at DDP's buckets so "
+                                                                  "their all-reduces overlap the backward"})
+    compiled_autograd: bool = field(default=False, metadata={"help": "with compile: compile the backward too; under "
+                                                                     "DDP its all-reduces are traced into that graph"})
     seed: int = field(default=0, metadata={"help": "model init and data order"})
 
 

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pocketlm import PocketLMError
-
-IGNORE_INDEX = -100
+from pocketlm.device import pick_device, to_device
+from pocketlm.format import IGNORE_INDEX
 
 
 @dataclass
@@ -41,27 +41,31 @@ def pooled(results: Iterable[EvalResult]) -> float:
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[dict], byte_lengths: np.ndarray, device: torch.device,
              autocast: contextlib.AbstractContextManager | None = None) -> EvalResult:
-    lengths = torch.as_tensor(byte_lengths, dtype=torch.float64, device=device)
-    nats = text_nats = torch.zeros((), dtype=torch.float64, device=device)
-    tokens = text_bytes = torch.zeros((), dtype=torch.float64, device=device)
+    # Per-batch sums stay on the device in fp32 / int64 (MPS has no float64: pytorch#122602) and are
+    # pooled on the host in float64 after one transfer at the end, so long evaluations lose nothing.
+    lengths = torch.as_tensor(byte_lengths, dtype=torch.int64, device=device)
+    float_sums, int_sums = [], []  # per batch: [nats, text nats], [tokens, text bytes]
     was_training = model.training
     model.eval()
     for b in batches:
-        x, y = b["x"].to(device), b["y"].to(device)
+        x, y = to_device(b["x"], device), to_device(b["y"], device)
         with autocast or contextlib.nullcontext():
-            logits, _ = model(x, positions=b["positions"].to(device), doc_ids=b["doc_ids"].to(device))
+            logits, _ = model(x, positions=to_device(b["positions"], device),
+                              doc_ids=to_device(b["doc_ids"], device))
         per_token = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX,
-                                    reduction="none").double()
+                                    reduction="none")
         valid = y.flatten() != IGNORE_INDEX
-        nbytes = torch.where(valid, lengths[y.flatten().clamp(min=0)], 0.0)
-        nats = nats + per_token.sum()
-        tokens = tokens + valid.sum()
-        text_nats = text_nats + per_token[nbytes > 0].sum()
-        text_bytes = text_bytes + nbytes.sum()
+        nbytes = torch.where(valid, lengths[y.flatten().clamp(min=0)], 0)
+        float_sums.append(torch.stack([per_token.sum(), per_token[nbytes > 0].sum()]))
+        int_sums.append(torch.stack([valid.sum(), nbytes.sum()]))
     model.train(was_training)
-    n, tb = int(tokens), int(text_bytes)  # one sync per source, at the end
-    return EvalResult(loss=float(nats) / max(1, n), bpb=float(text_nats) / (math.log(2) * max(1, tb)),
-                      tokens=n, nats=float(nats), text_nats=float(text_nats), text_bytes=tb)
+    if not float_sums:
+        return EvalResult(loss=0.0, bpb=0.0, tokens=0, nats=0.0, text_nats=0.0, text_bytes=0)
+    # One sync per source, at the end; the pooling is numpy on the host.
+    nats, text_nats = torch.stack(float_sums).cpu().numpy().astype(np.float64).sum(0).tolist()
+    n, tb = (int(v) for v in torch.stack(int_sums).cpu().numpy().sum(0))
+    return EvalResult(loss=nats / max(1, n), bpb=text_nats / (math.log(2) * max(1, tb)),
+                      tokens=n, nats=nats, text_nats=text_nats, text_bytes=tb)
 
 
 def greedy_text(model: nn.Module, tok, prompt_ids: list[int], max_new: int) -> str:
@@ -81,7 +85,6 @@ def eval_checkpoint(ckpt: str | Path, cache_dir: str | Path, max_batches: int, b
     from pocketlm.cache.dataset import PretrainData, SFTData
     from pocketlm.cache.shards import Cache
     from pocketlm.model.io import load_model
-    from pocketlm.train.precision import pick_device
 
     device = pick_device(device_name)
     model, tok, meta = load_model(ckpt, device)

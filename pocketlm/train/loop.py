@@ -20,6 +20,8 @@ from torch import nn
 from tqdm import tqdm
 
 from pocketlm import PocketLMError
+from pocketlm.device import to_device
+from pocketlm.format import IGNORE_INDEX
 from pocketlm.train import ddp, metrics
 from pocketlm.train.checkpoint import rng_state, save_checkpoint, set_rng_state
 from pocketlm.train.config import TrainConfig, config_dict
@@ -27,8 +29,6 @@ from pocketlm.train.evaluate import evaluate, greedy_text, pooled
 from pocketlm.train.optim import build_adamw
 from pocketlm.train.precision import MAX_SKIPPED_STEPS, Precision, device_name, peak_flops, resolve_precision
 from pocketlm.train.schedule import lr_at
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -78,9 +78,8 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, batches: list[dict]
         last = i == len(batches) - 1
         with ddp.maybe_no_sync(model, sync=last):
             with prec.autocast():
-                _, loss = model(b["x"].to(device, non_blocking=True), b["y"].to(device, non_blocking=True),
-                                positions=b["positions"].to(device, non_blocking=True),
-                                doc_ids=b["doc_ids"].to(device, non_blocking=True))
+                _, loss = model(to_device(b["x"], device), to_device(b["y"], device),
+                                positions=to_device(b["positions"], device), doc_ids=to_device(b["doc_ids"], device))
             # DDP averages gradients over ranks, hence the factor world to get a global token sum.
             prec.scaler.scale(loss * (n * dist.world / n_global)).backward()
         loss_share += loss.detach() * (n / n_global)

@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pocketlm.files import atomic_write
+
 PHASE_ORDER = {"pretrain": 0, "sft": 1}
 
 
@@ -31,6 +33,4 @@ def truncate_after(path: Path, phase: str, step: int) -> None:
     """Drop lines written after the checkpoint a run resumes from (a killed run logged past it)."""
     cutoff = (PHASE_ORDER[phase], step)
     kept = [r for r in read(path) if (PHASE_ORDER[r["phase"]], r["step"]) <= cutoff]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept).encode("utf-8"))

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pocketlm import PocketLMError
+from pocketlm.device import auto_precision
 from pocketlm.model.config import GPTConfig
 from pocketlm.train.config import TrainConfig
 
@@ -29,7 +30,6 @@ OVERHEAD = 1.10
 # Share of the device memory training may use: unified memory on a Mac is shared with macOS and
 # apps (Metal's recommended working set is about 2/3 of RAM); a CUDA card keeps some for its context.
 USABLE = {"mps": 0.60, "cuda": 0.90, "cpu": 0.50}
-AUTO_PRECISION = {"mps": "fp16", "cuda": "bf16", "cpu": "fp32"}
 
 
 @dataclass(frozen=True)
@@ -89,11 +89,14 @@ def parse_memory(text: str) -> int:
 
 
 def plan(cfg: GPTConfig, seq_len: int, device: str, memory: int, batch_tokens: int,
-         precision: str = "auto") -> Plan:
+         precision: str = "auto", metal_limit: int | None = None) -> Plan:
     """The largest power-of-two micro-batch that fits without checkpointing (at least 4 rows, so
-    the GEMMs stay efficient), else the largest that fits with it; accum_steps reach batch_tokens."""
-    prec = AUTO_PRECISION[device] if precision == "auto" else precision
+    the GEMMs stay efficient), else the largest that fits with it; accum_steps reach batch_tokens.
+    `metal_limit` (MPS: Metal's recommended working set on this machine) caps the budget."""
+    prec = auto_precision(device) if precision == "auto" else precision
     budget = int(USABLE[device] * memory)
+    if metal_limit is not None:  # what this Mac really grants, when known
+        budget = min(budget, metal_limit)
     sizes = [2 ** k for k in range(8, -1, -1)]
     for ckpt, smallest in ((False, 4), (True, 1)):
         for b in sizes:
@@ -140,12 +143,24 @@ def _toml(v: Any) -> str:
     return repr(v)
 
 
+def metal_limit(device: str) -> int | None:
+    """On a Mac with MPS planning for MPS: Metal's recommended working set, with what the driver already
+    holds logged; None elsewhere (planning for a Mac from another machine uses --memory alone)."""
+    import torch
+
+    if device != "mps" or not torch.backends.mps.is_available():
+        return None
+    limit, held = torch.mps.recommended_max_memory(), torch.mps.driver_allocated_memory()
+    print(f"Metal: recommended working set {limit / 2**30:.2f} GiB, driver holds {held / 2**30:.2f} GiB")
+    return limit
+
+
 def plan_cli(cfg: TrainConfig, model_overrides: dict[str, Any], device: str, memory: str, batch_tokens: int,
              write: str | None) -> int:
     from pocketlm.train.run import PRESETS
 
     mcfg = GPTConfig(**{**PRESETS[cfg.model]().to_dict(), **model_overrides})
-    p = plan(mcfg, cfg.seq_len, device, parse_memory(memory), batch_tokens, cfg.precision)
+    p = plan(mcfg, cfg.seq_len, device, parse_memory(memory), batch_tokens, cfg.precision, metal_limit(device))
     print(describe(p, cfg.seq_len))
     if write:
         Path(write).write_text(plan_toml(p, {"seq_len": cfg.seq_len}, model_overrides, device, memory),

@@ -1,8 +1,7 @@
-"""Device, dtype, autocast and loss scaling: every precision decision of training lives here.
+"""Dtype, autocast and loss scaling of training (which device, and what "auto" precision means per
+device, live in `pocketlm.device`, shared with inference and serving).
 
-- device: cuda > mps > cpu when "auto".
-- precision "auto": CUDA bf16 autocast; MPS fp16 autocast + GradScaler (MPS bf16 is slow or missing on
-  many macOS versions); CPU fp32. fp16 always comes with a GradScaler; bf16 and fp32 need none.
+- fp16 always comes with a GradScaler; bf16 and fp32 need none.
 - fp16 falls back to fp32 by itself when overflow-skipped steps keep coming (the scaler cannot help).
 - peak FLOPS per device for MFU: a table, "unknown" (None) for anything not in it.
 """
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from pocketlm import PocketLMError
+from pocketlm.device import TORCH_VERSION, auto_precision, is_mps
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -39,28 +39,12 @@ PEAK_TFLOPS: dict[str, dict[str, float]] = {
 }
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name not in ("cuda", "mps", "cpu") and not name.startswith("cuda:"):
-        raise PocketLMError(f"TrainConfig.device={name!r}: use auto, cuda, cuda:N, mps or cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise PocketLMError("TrainConfig.device=cuda but no CUDA GPU is visible; use --device auto or cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise PocketLMError("TrainConfig.device=mps but MPS is not available; use --device auto or cpu")
-    return torch.device(name)
-
-
 def resolve_precision(device: torch.device, requested: str = "auto") -> str:
     if requested not in PRECISIONS:
         raise PocketLMError(f"TrainConfig.precision={requested!r}: use one of {', '.join(PRECISIONS)}")
     if requested != "auto":
         return requested
-    return {"cuda": "bf16", "mps": "fp16"}.get(device.type, "fp32")
+    return auto_precision(device.type)
 
 
 def device_name(device: torch.device) -> str:
@@ -92,6 +76,10 @@ class Precision:
 
     @classmethod
     def create(cls, device: torch.device, mode: str) -> Precision:
+        if mode == "bf16" and is_mps(device) and TORCH_VERSION < (2, 6):
+            # Older autocast on MPS silently ran bf16 requests in fp32.
+            raise PocketLMError(f"precision bf16 on MPS needs torch 2.6+ (this is {torch.__version__}); "
+                                "use --precision fp16 or fp32, or install the pinned torch")
         if mode == "bf16" and device.type == "mps" and not torch.backends.mps.is_macos_or_newer(14, 0):
             raise PocketLMError("precision bf16 needs macOS 14+ on MPS; use --precision fp16 or fp32")
         return cls(device, mode, torch.amp.GradScaler(device.type, enabled=(mode == "fp16")))

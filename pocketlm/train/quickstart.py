@@ -41,11 +41,10 @@ def quickstart_config(out: Path, sources: dict[str, list[str]], steps: int | Non
     data = load_toml(CONFIG)
     cfg = from_dict(TrainConfig, data.get("train", {}), where=f"{CONFIG} [train]")
     pretrain = [_name(s) for s in sources["pretrain"]]
-    # The first pretrain source gets 95%, the others share 5% (the recipe's FineWeb-Edu / Roam split).
-    mix = [f"{n}={0.95 if i == 0 else 0.05 / (len(pretrain) - 1)}" for i, n in enumerate(pretrain)]
+    # Several pretrain sources are the recipe's (REAL): they keep its mixture, TrainConfig's default.
     cfg = dataclasses.replace(
         cfg, runs_dir=str(out), cache=str(out / "cache"), device=device,
-        pretrain_mix=tuple(mix) if len(pretrain) > 1 else (f"{pretrain[0]}=1",),
+        pretrain_mix=cfg.pretrain_mix if len(pretrain) > 1 else (f"{pretrain[0]}=1",),
         eval_sources=tuple(_name(s) for s in sources["eval"]), sft_sources=tuple(_name(s) for s in sources["sft"]))
     if steps is not None:
         cfg = dataclasses.replace(cfg, pretrain_steps=steps, sft_steps=steps, warmup_steps=min(cfg.warmup_steps, steps),
@@ -57,7 +56,7 @@ def quickstart(out: str | Path, data_dir: str | None = None, steps: int | None =
     from pocketlm.cache.build_cache import build_cache
     from pocketlm.model.io import load_model
     from pocketlm.tokenizer.chat_template import format_chat_tokens
-    from pocketlm.tokenizer.tokenizer_sp import train_tokenizer
+    from pocketlm.tokenizer.tokenizer_sp import MODEL_FILE, train_tokenizer
     from pocketlm.train.evaluate import eval_checkpoint, greedy_text
     from pocketlm.train.plot import plot_run
     from pocketlm.train.run import train
@@ -65,7 +64,7 @@ def quickstart(out: str | Path, data_dir: str | None = None, steps: int | None =
     out = Path(out)
     sources = REAL if data_dir else OFFLINE
     cfg, model_overrides = quickstart_config(out, sources, steps, device)
-    tok_path = out / "tokenizer" / "tokenizer.model"
+    tok_path = out / "tokenizer" / MODEL_FILE
     print(f"[1/6] tokenizer ({VOCAB_SIZE} pieces) -> {tok_path}")
     if not tok_path.is_file():
         train_tokenizer(_corpus(sources, data_dir), vocab_size=VOCAB_SIZE, out_dir=tok_path.parent, seed=cfg.seed)

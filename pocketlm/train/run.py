@@ -14,17 +14,16 @@ import torch
 from tqdm import tqdm
 
 from pocketlm import PocketLMError
-from pocketlm.cache.build_cache import TOKENIZER_NAME
-from pocketlm.cache.shards import read_meta
+from pocketlm.cache.shards import check_file, read_meta
 from pocketlm.config import from_dict
+from pocketlm.device import limit_mps_memory, pick_device
 from pocketlm.model import GPT, GPTConfig
 from pocketlm.model.io import load_model
-from pocketlm.tokenizer.tokenizer_sp import Tokenizer
+from pocketlm.tokenizer.tokenizer_sp import MODEL_FILE, Tokenizer
 from pocketlm.train import ddp, metrics
 from pocketlm.train.checkpoint import load_state
 from pocketlm.train.config import TrainConfig, config_dict
 from pocketlm.train.loop import RunContext, run_phase
-from pocketlm.train.precision import pick_device
 from pocketlm.train.pretrain import pretrain_phase
 from pocketlm.train.sft import sft_phase
 
@@ -49,15 +48,9 @@ def model_config(cfg: TrainConfig, overrides: dict[str, Any], vocab_size: int) -
 
 def cache_tokenizer(cache_dir: Path) -> Tokenizer:
     """The tokenizer the cache was built with: the copy inside the cache, checked against meta.json."""
-    info = read_meta(cache_dir)["tokenizer"]
-    path = cache_dir / TOKENIZER_NAME
-    if not path.is_file():
-        raise PocketLMError(f"{path} is missing: rebuild the cache with `pocketlm cache build`")
-    tok = Tokenizer.load(path)
-    if tok.hash != info["sha256"]:
-        raise PocketLMError(f"{path} is not the tokenizer {cache_dir} was built with (sha256 differs); "
-                            "rebuild the cache with `pocketlm cache build`")
-    return tok
+    path = cache_dir / MODEL_FILE
+    check_file(path, read_meta(cache_dir)["tokenizer"]["file"], verify="sha256")
+    return Tokenizer.load(path)
 
 
 def train(cfg: TrainConfig, model_overrides: dict[str, Any] | None = None, pipeline: str = "pretrain_then_sft",
@@ -69,6 +62,7 @@ def train(cfg: TrainConfig, model_overrides: dict[str, Any] | None = None, pipel
     device = ddp.device_for(pick_device(cfg.device), dist)
     run_dir = Path(cfg.runs_dir) / cfg.name
     log = tqdm.write if dist.rank == 0 else (lambda _msg: None)
+    limit_mps_memory(device, log)
     tok = cache_tokenizer(Path(cfg.cache))
     run = RunContext(cfg, run_dir, device, tok, dist, log)
     mcfg = model_config(cfg, model_overrides or {}, tok.vocab_size)
@@ -83,6 +77,7 @@ def train(cfg: TrainConfig, model_overrides: dict[str, Any] | None = None, pipel
         best = phase_dir / "best"
         total = cfg.pretrain_steps if name == "pretrain" else cfg.sft_steps
         state = None
+        ddp.same_on_every_rank(phase_dir / "last", dist)
         if resume and (phase_dir / "last").exists():
             state = load_state(phase_dir / "last")
             if state["step"] >= total:
@@ -100,6 +95,7 @@ def train(cfg: TrainConfig, model_overrides: dict[str, Any] | None = None, pipel
             model = GPT(mcfg).to(device)
         else:
             start = Path(init) if init else run_dir / "pretrain" / "best"
+            ddp.same_on_every_rank(start, dist)
             if not start.exists():
                 raise PocketLMError(f"SFT starts from {start}, which does not exist: run the pretrain phase first "
                                     "or pass --init MODEL_DIR")
