@@ -185,8 +185,8 @@ def test_client_disconnect_stops_generation(tiny_model):
         permits.release(10**6)
         info = _wait_idle(url)
         assert info["finished"] == {"cancelled": 1}
-        # The forward already waiting for its permit ran; nothing after it.
-        assert app.state.forwards["forwards"] == 5
+        # Stopped at the latest after the forward that may already have been waiting for its permit.
+        assert app.state.forwards["forwards"] in (4, 5)
 
 
 def test_cancel_endpoint_ends_stream_with_cancelled(tiny_model):

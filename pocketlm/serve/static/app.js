@@ -216,6 +216,7 @@ function showTooltip(span) {
       el("button", { type: "button", className: "unpin", onclick: unpin }, "×"))
     : el("div", { className: "tt-pin hint" }, "click the token to pin this");
   tip.replaceChildren(pinNote, ...tooltipContent(span.step));
+  tip.classList.toggle("pinned", state.pinned === span); // only a pinned tooltip takes the mouse
   tip.hidden = false;
   place(tip, span.getBoundingClientRect());
 }
