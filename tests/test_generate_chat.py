@@ -27,7 +27,8 @@ def test_history_goes_through_the_template(tiny_model):
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"},
         {"role": "assistant", "content": " Hi there."}, {"role": "user", "content": "Goodbye"},
         {"role": "assistant", "content": " Bye."}]
-    assert session.prompt_ids() == format_chat_tokens(tok, session.messages())
+    # A history that ends with the assistant's turn is continued: its closing <|eot|> is left off.
+    assert session.prompt_ids() == format_chat_tokens(tok, session.messages())[:-1]
 
 
 def test_commands(tiny_model):

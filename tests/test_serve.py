@@ -6,7 +6,9 @@ import concurrent.futures
 import copy
 import json
 import math
+import threading
 import time
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -107,7 +109,7 @@ def test_bad_input_is_a_400_naming_the_field(server_url, path, body, param):
 
 
 def test_cancel_unknown_request_is_404(server_url):
-    r = httpx.post(f"{server_url}/api/inspect/gen-999999/cancel", timeout=10)
+    r = httpx.post(f"{server_url}/api/inspect/gen-unknown/cancel", timeout=10)
     assert r.status_code == 404 and r.json()["error"]["param"] == "job_id"
 
 
@@ -142,44 +144,77 @@ def _wait_idle(url: str) -> dict:
     raise AssertionError(f"generations still running: {info}")
 
 
-def test_client_disconnect_stops_generation(slow_server):
-    url, counter = slow_server
-    before = _wait_idle(url)["finished"].get("cancelled", 0)
-    start = counter["forwards"]
-    with httpx.stream("POST", f"{url}/api/inspect", json={"prompt": "The river", "max_tokens": 100},
-                      timeout=30) as r:
-        got = [e for e, _ in sse(r, limit=4)]
-    assert got == ["prefill", "token", "token", "token"]
-    info = _wait_idle(url)
-    assert info["finished"].get("cancelled", 0) == before + 1
-    assert counter["forwards"] - start < 60  # well short of the 100 asked for (slack for a loaded machine)
+@contextmanager
+def metered_server(tiny_model, max_active: int = 64):
+    """A server whose model never ends its turn and runs each forward only on a permit from the test,
+    so tests wait on events, not on timing. Yields (url, app, permits, started): `permits` is a
+    semaphore (release(n) lets n forwards run), `started` is set when the first forward is asked for."""
+    model, tok = tiny_model
+    metered = copy.deepcopy(model)
+    counter = suppress_eot(metered, tok.eot_id)
+    permits, started = threading.Semaphore(0), threading.Event()
+
+    def take_permit(_module, _args):
+        started.set()
+        assert permits.acquire(timeout=60), "the test never let this forward run"
+
+    metered.register_forward_pre_hook(take_permit)
+    app = create_app(metered, tok, max_active=max_active)
+    app.state.forwards = counter
+    with live_server(app) as url:
+        try:
+            yield url, app, permits, started
+        finally:
+            permits.release(10**6)  # let any generation still waiting run out
 
 
-def test_cancel_endpoint_ends_stream_with_cancelled(slow_server):
-    url, _ = slow_server
-    with httpx.stream("POST", f"{url}/api/inspect", json={"prompt": "The river", "max_tokens": 100},
-                      timeout=30) as r:
-        events = []
-        for event, data in sse(r):
-            events.append((event, data))
-            if event == "prefill":
-                assert httpx.post(f"{url}/api/inspect/{data['request_id']}/cancel", timeout=10).json()["cancelled"]
+def _only_job(app):
+    (job,) = app.state.engine.jobs.values()
+    return job
+
+
+def test_client_disconnect_stops_generation(tiny_model):
+    with metered_server(tiny_model) as (url, app, permits, _):
+        permits.release(4)  # the prefill and three decode steps
+        with httpx.stream("POST", f"{url}/api/inspect", json={"prompt": "The river", "max_tokens": 100},
+                          timeout=30) as r:
+            got = [e for e, _ in sse(r, limit=5)]
+            job = _only_job(app)
+        assert got == ["prefill", "token", "token", "token", "token"]
+        assert job.cancel.wait(30)  # the server saw the client leave
+        permits.release(10**6)
+        info = _wait_idle(url)
+        assert info["finished"] == {"cancelled": 1}
+        # Stopped at the latest after the forward that may already have been waiting for its permit.
+        assert app.state.forwards["forwards"] in (4, 5)
+
+
+def test_cancel_endpoint_ends_stream_with_cancelled(tiny_model):
+    with metered_server(tiny_model) as (url, _, permits, _):
+        permits.release(1)  # the prefill
+        with httpx.stream("POST", f"{url}/api/inspect", json={"prompt": "The river", "max_tokens": 100},
+                          timeout=30) as r:
+            events = []
+            for event, data in sse(r):
+                events.append((event, data))
+                if event == "prefill":
+                    assert httpx.post(f"{url}/api/inspect/{data['request_id']}/cancel", timeout=10).json()["cancelled"]
+                    permits.release(10**6)
     assert events[-1][0] == "done" and events[-1][1]["finish_reason"] == "cancelled"
-    assert events[-1][1]["new_tokens"] < 50  # of 100 asked for (slack for a loaded machine)
+    # Stopped before the step after the cancel: at the latest the one already waiting to run.
+    assert events[-1][1]["new_tokens"] in (1, 2)
 
 
 def test_too_many_generations_get_429(tiny_model):
-    model, tok = tiny_model
-    slow = copy.deepcopy(model)
-    # 60 forwards at 0.2 s: the first generation is surely still running when the second arrives.
-    suppress_eot(slow, tok.eot_id, delay_s=0.2)
-    with live_server(create_app(slow, tok, max_active=1)) as url:
+    with metered_server(tiny_model, max_active=1) as (url, _, permits, _):
+        permits.release(1)
         with httpx.stream("POST", f"{url}/api/inspect", json={"prompt": "The river", "max_tokens": 60},
                           timeout=30) as r:
-            assert next(sse(r))[0] == "prefill"  # the first generation is running
-            second = httpx.post(f"{url}/v1/chat/completions", timeout=10,
+            assert next(sse(r))[0] == "prefill"  # the first generation is running, waiting for its next permit
+            second = httpx.post(f"{url}/v1/chat/completions", timeout=30,
                                 json={"messages": [{"role": "user", "content": "hi"}]})
         assert second.status_code == 429 and second.json()["error"]["type"] == "rate_limit_error"
+        permits.release(10**6)
         _wait_idle(url)
         assert httpx.post(f"{url}/api/inspect", json={"prompt": "The", "max_tokens": 2}, timeout=30).status_code == 200
 

@@ -90,7 +90,7 @@ def run_chat(args: argparse.Namespace) -> int:
         previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
         try:
             sys.stdout.write("model> ")
-            for text in session.reply(line, cancel):
+            for text in session.reply(session.message_text(line), cancel):
                 sys.stdout.write(text)
                 sys.stdout.flush()
         except PocketLMError as e:  # a message too long for the context: say so, keep the session

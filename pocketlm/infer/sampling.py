@@ -15,6 +15,9 @@ from pocketlm.device import is_mps
 from pocketlm.infer.config import GenConfig
 from pocketlm.mps_rules import on_host
 
+# Temperatures below this sample greedily: their limit is the argmax, and logits / 1e-300 overflow to inf.
+GREEDY_BELOW = 1e-6
+
 
 def filtered_logits(logits: torch.Tensor, cfg: GenConfig) -> torch.Tensor:
     """Apply temperature, top-k and top-p to fp32 logits [V]; excluded tokens become -inf.
@@ -31,6 +34,7 @@ def filtered_logits(logits: torch.Tensor, cfg: GenConfig) -> torch.Tensor:
         # Mass strictly before each token: the most likely token is always kept, so the set is never empty.
         before = torch.cumsum(probs, dim=-1) - probs
         drop_sorted = before >= cfg.top_p
+        drop_sorted[0] = False  # even when top_p rounds to 0 in fp32 (e.g. 4e-172, found by the API fuzz)
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         x = x.masked_fill(drop, float("-inf"))
     return x
@@ -38,7 +42,7 @@ def filtered_logits(logits: torch.Tensor, cfg: GenConfig) -> torch.Tensor:
 
 def sample_next(logits: torch.Tensor, cfg: GenConfig, generator: torch.Generator | None) -> torch.Tensor:
     """The chosen token id as a 0-d int64 tensor on the logits' device (no host sync here, except on MPS)."""
-    if cfg.temperature == 0.0:
+    if cfg.temperature < GREEDY_BELOW:
         return torch.argmax(logits, dim=-1)
     probs = torch.softmax(filtered_logits(logits, cfg), dim=-1)
     if not is_mps(logits.device):

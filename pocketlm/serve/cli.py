@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import PurePath
+
+from pocketlm.serve.guard import DEFAULT_MAX_BODY_BYTES
+
+CHECKPOINT_KINDS = ("best", "last")
 
 
 def register(sub) -> None:
@@ -14,20 +19,41 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) | cuda | mps | cpu")
     p.add_argument("--max-active", type=int, default=64,
                    help="generations running at once; more get HTTP 429 (default: 64)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also accept requests whose Host is NAME (repeatable); loopback names and --host are "
+                        "always accepted. '*' accepts any name and turns off the DNS-rebinding guard")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help=f"largest request body accepted; larger ones get HTTP 413 (default: {DEFAULT_MAX_BODY_BYTES})")
+    p.add_argument("--name", help="the model's id in the API and the page (default: from the run's folders)")
     p.set_defaults(handler=run_serve)
+
+
+def model_name(ckpt: str) -> str:
+    """The model's public id, with no path in it: `runs/mine/sft/best` -> `mine-sft-best`, else the
+    folder's own name. Absolute paths would tell every client where the files live."""
+    parts = [p for p in PurePath(ckpt).parts if p not in ("/", ".", "..")]
+    if len(parts) >= 3 and parts[-1] in CHECKPOINT_KINDS:
+        return "-".join(parts[-3:])
+    return parts[-1] if parts else "pocketlm"
 
 
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from pocketlm import PocketLMError
     from pocketlm.model.io import load_model
     from pocketlm.serve.app import create_app
     from pocketlm.device import pick_device
+    from pocketlm.serve.guard import GuardConfig, allowed_hosts
 
+    if args.max_body_bytes < 1024:
+        raise PocketLMError(f"--max-body-bytes {args.max_body_bytes} is too small for any chat; use 1024 or more")
     # Load before binding the port, so a bad checkpoint fails at start with the loader's message.
     model, tok, _meta = load_model(args.ckpt, pick_device(args.device))
-    # The folder as given (e.g. runs/x/sft/best) names the model: its last part alone is often just "best".
-    app = create_app(model, tok, model_id=args.ckpt.rstrip("/"), max_active=args.max_active)
-    print(f"pocketlm serve: {args.ckpt} on http://{args.host}:{args.port}/", file=sys.stderr)
+    guard = GuardConfig(allowed_hosts(args.host, args.allow_host), args.max_body_bytes)
+    name = args.name or model_name(args.ckpt)
+    app = create_app(model, tok, model_id=name, max_active=args.max_active, guard=guard)
+    print(f"pocketlm serve: {name} on http://{args.host}:{args.port}/ (accepting Host: "
+          f"{', '.join(guard.allowed_hosts)})", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

@@ -5,23 +5,29 @@ shared, so a DeviceLock serialises every step's device work (forward, sampling, 
 crashes when two threads run ops at once) and concurrent requests interleave token by token. A
 request's steps travel to its async handler through an asyncio queue; when the handler goes away
 (client disconnected, stop pressed) the request's cancel event stops its thread before the next step.
+
+Admission is a slot taken on the event loop's thread with no `await` between the check and the
+taking (`admit`), before the request does any work, so `max_active` holds under any burst. The slot
+is given back when the generation's thread ends, or by `release` if it never started.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import secrets
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+from sse_starlette import EventSourceResponse
 
 from pocketlm.device import DeviceLock
 from pocketlm.infer.generate import Generation, Step, generate
 from pocketlm.infer.config import StatsRequest
 from pocketlm.infer.sampling import GenConfig
+from pocketlm.serve.prompt import RequestError
 
 _END = object()
 
@@ -29,8 +35,13 @@ _END = object()
 @dataclass
 class Job:
     id: str
-    gen: Generation
-    cancel: threading.Event
+    cancel: threading.Event = field(default_factory=threading.Event)
+    gen: Generation | None = None
+    running: bool = False  # its thread started; the slot is then given back when the thread ends
+
+
+class ClientGone(Exception):
+    """The client disconnected before its (non-streaming) answer was ready."""
 
 
 class Engine:
@@ -38,20 +49,28 @@ class Engine:
         self.model, self.tok = model, tok
         self.max_active = max_active
         self.lock = DeviceLock()  # one request's device work at a time through the shared model
-        self.jobs: dict[str, Job] = {}  # running requests, by id (for the inspector's stop button)
+        self.jobs: dict[str, Job] = {}  # admitted requests, by id (for the inspector's stop button)
         self.finished: Counter[str] = Counter()  # finish reasons of completed requests
-        self._ids = itertools.count(1)
 
-    @property
-    def busy(self) -> bool:
-        return len(self.jobs) >= self.max_active
+    def admit(self) -> Job:
+        """Take a slot or refuse with a 429; call on the event loop's thread (no lock needed there)."""
+        if len(self.jobs) >= self.max_active:
+            raise RequestError(429, f"{self.max_active} generations are running; retry shortly")
+        # Unguessable: the id is what the cancel endpoint takes, so another page must not predict it.
+        job = Job(f"gen-{secrets.token_urlsafe(16)}")
+        self.jobs[job.id] = job
+        return job
 
-    def start(self, prompt_ids: list[int], cfg: GenConfig, stats: StatsRequest | None = None) -> Job:
-        """Prepare a generation; it runs (and counts as running) once `steps(job)` is consumed.
-        `stats`: the per-token statistics the caller will read from each step (None: none)."""
-        cancel = threading.Event()
-        gen = generate(self.model, self.tok, prompt_ids, cfg, stats=stats, cancel=cancel, lock=self.lock)
-        return Job(f"gen-{next(self._ids)}", gen, cancel)
+    def start(self, job: Job, prompt_ids: list[int], cfg: GenConfig, stats: StatsRequest | None = None) -> None:
+        """Prepare the job's generation; it runs once `steps(job)` is consumed. `stats`: the per-token
+        statistics the caller will read from each step (None: none, the fastest)."""
+        job.gen = generate(self.model, self.tok, prompt_ids, cfg, stats=stats, cancel=job.cancel, lock=self.lock)
+
+    def release(self, job: Job) -> None:
+        """The request is over (answered, failed or abandoned): stop its generation, free its slot."""
+        job.cancel.set()
+        if not job.running:
+            self.jobs.pop(job.id, None)
 
     def _finish(self, job: Job, queue: asyncio.Queue) -> None:
         """Bookkeeping on the event loop's thread, so the counters need no lock of their own."""
@@ -73,7 +92,9 @@ class Engine:
             finally:
                 loop.call_soon_threadsafe(self._finish, job, queue)
 
-        self.jobs[job.id] = job
+        if job.cancel.is_set():  # released (the client left) before its first step: nothing to run
+            return
+        job.running = True
         threading.Thread(target=work, name=job.id, daemon=True).start()
         try:
             while (item := await queue.get()) is not _END:
@@ -82,3 +103,38 @@ class Engine:
                 yield item
         finally:
             job.cancel.set()
+
+    async def collect(self, job: Job, receive) -> list[Step]:
+        """All of the job's steps, for a non-streaming answer; raises ClientGone (and stops the
+        generation) if the client disconnects first. `receive` is the request's ASGI receive."""
+        async def gather() -> list[Step]:
+            return [s async for s in self.steps(job)]
+
+        async def disconnected() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        work, gone = asyncio.ensure_future(gather()), asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                raise ClientGone
+            return work.result()
+        finally:
+            gone.cancel()
+            work.cancel()  # a no-op once done; else its `steps` sets the cancel event on the way out
+
+
+class JobResponse(EventSourceResponse):
+    """An SSE response that gives its job's slot back however it ends, even before its first event
+    (a generator that never started has no `finally` to run)."""
+
+    def __init__(self, content, engine: Engine, job: Job) -> None:
+        super().__init__(content, ping=15)
+        self._engine, self._job = engine, job
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._engine.release(self._job)

@@ -12,12 +12,14 @@ import logging
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from sse_starlette import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
 
 from pocketlm.infer.generate import Generation, Step
 from pocketlm.infer.config import StatsRequest
 from pocketlm.infer.sampling import GenConfig
-from pocketlm.serve.prompt import Message, RequestError, chat_prompt, check_max_tokens, check_prompt_length
+from pocketlm.serve.engine import JobResponse
+from pocketlm.serve.prompt import (SEED_MAX, SEED_MIN, Message, RequestError, chat_prompt, check_max_tokens,
+                                   check_prompt_length, fitted_chat_prompt)
 from pocketlm.serve.tokens import TokenTable
 
 SCHEMA = 1
@@ -30,15 +32,17 @@ class InspectRequest(BaseModel):
 
     messages: list[Message] | None = Field(default=None, min_length=1)
     prompt: str | None = Field(default=None, min_length=1)  # raw text to continue, no chat template
-    max_tokens: int = Field(default=256, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1)  # None: until <|eot|> or the end of the context
     temperature: float = Field(default=0.8, ge=0.0, le=2.0)
     top_k: int = Field(default=0, ge=0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     top_alternatives: int = Field(default=5, ge=0, le=20)
     logit_lens: bool = False
     lens_top: int = Field(default=3, ge=1, le=10)
     attn_entropy: bool = False
+    # Drop the oldest turns until the prompt leaves room for the reply (the prefill event says how many).
+    fit_context: bool = False
 
     @model_validator(mode="after")
     def _one_input(self) -> InspectRequest:
@@ -69,44 +73,54 @@ def done_event(gen: Generation, text: str) -> dict:
             "decode_ms": gen.decode_ms, "decode_tok_s": gen.decode_tok_s, "text": text}
 
 
-@router.post("/api/inspect")
-async def inspect(body: InspectRequest, request: Request) -> EventSourceResponse:
-    state = request.app.state
-    context = state.model.cfg.block_size
-    if body.messages is not None:
-        prompt = chat_prompt(state.tok, body.messages, context)
-    else:
+def _prompt(state, body: InspectRequest, context: int) -> tuple[list[int], int]:
+    """(prompt ids, messages dropped to fit). Tokenizing is CPU work: it runs in a worker thread."""
+    if body.prompt is not None:
         prompt = state.tok.encode(body.prompt)
         check_prompt_length(len(prompt), "prompt", context)
+        return prompt, 0
+    if body.fit_context:
+        return fitted_chat_prompt(state.tok, body.messages, context, body.max_tokens or context)
+    return chat_prompt(state.tok, body.messages, context), 0
+
+
+@router.post("/api/inspect")
+async def inspect(body: InspectRequest, request: Request) -> JobResponse:
+    state = request.app.state
+    context = state.model.cfg.block_size
     check_max_tokens(body.max_tokens, "max_tokens", context)
-    if state.engine.busy:
-        raise RequestError(429, f"{state.engine.max_active} generations are running; retry shortly")
-    cfg = GenConfig(max_new_tokens=body.max_tokens, temperature=body.temperature, top_k=body.top_k,
-                    top_p=body.top_p, seed=body.seed)
-    stats = StatsRequest(top_alternatives=body.top_alternatives, logit_lens=body.logit_lens, lens_top=body.lens_top,
-                         attn_entropy=body.attn_entropy)
-    job = state.engine.start(prompt, cfg, stats)
+    engine = state.engine
+    job = engine.admit()  # before any work: a 429 costs nothing
+    try:
+        prompt, dropped = await run_in_threadpool(_prompt, state, body, context)
+        cfg = GenConfig(max_new_tokens=body.max_tokens or context, temperature=body.temperature, top_k=body.top_k,
+                        top_p=body.top_p, seed=body.seed)
+        stats = StatsRequest(top_alternatives=body.top_alternatives, logit_lens=body.logit_lens,
+                             lens_top=body.lens_top, attn_entropy=body.attn_entropy)
+        engine.start(job, prompt, cfg, stats)
+    except BaseException:
+        engine.release(job)
+        raise
     table: TokenTable = state.tokens
 
     async def events():
         text = []
         try:
-            async for step in state.engine.steps(job):
+            async for step in engine.steps(job):
                 if step.index == 0:
                     p = job.gen.prefill
                     yield _event("prefill", {
                         "request_id": job.id, "n_tokens": p.n_tokens, "ms": p.ms, "cache_len": p.cache_len,
-                        "cache_bytes": p.cache_bytes, "context": context,
+                        "cache_bytes": p.cache_bytes, "context": context, "dropped": dropped,
                         "tokens": [{"id": i, "token": table.labels[i], "bytes": list(table.bytes[i])} for i in prompt]})
                 text.append(step.text)
                 yield _event("token", token_event(step, table))
+            yield _event("done", done_event(job.gen, "".join(text)))
         except Exception as e:  # reported to the client as an `error` event, and logged in full
             log.exception("generation %s failed", job.id)
             yield _event("error", {"message": f"{type(e).__name__}: {e}"})
-            return
-        yield _event("done", done_event(job.gen, "".join(text)))
 
-    return EventSourceResponse(events(), ping=15)
+    return JobResponse(events(), engine, job)
 
 
 @router.post("/api/inspect/{job_id}/cancel")

@@ -3,25 +3,31 @@
 So the official `openai` client works unchanged. Generation ends on the `<|eot|>` id
 (`finish_reason: "stop"`) or at `max_tokens` / the context end (`"length"`); the eot token itself is
 never part of the content or the logprobs. Logprobs are the model's own (temperature 1, before top-p),
-in nats, clamped at -9999.0 (JSON has no -inf).
+in nats, clamped at -9999.0 (JSON has no -inf). A trailing assistant message is continued: the
+reply carries on from its last word (its `<|eot|>` is left off), so callers can prefill an answer.
+An error during a stream ends it with an `{"error": {...}}` chunk and `[DONE]`, as the OpenAI API does.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Literal
 
 from fastapi import APIRouter, Request
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sse_starlette import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
 
 from pocketlm.infer.generate import Step
 from pocketlm.infer.config import StatsRequest
 from pocketlm.infer.sampling import GenConfig
-from pocketlm.serve.prompt import Message, RequestError, chat_prompt, check_max_tokens
+from pocketlm.serve.engine import ClientGone, JobResponse
+from pocketlm.serve.prompt import SEED_MAX, SEED_MIN, Message, chat_prompt, check_max_tokens, error_body
 
 router = APIRouter()
+log = logging.getLogger("pocketlm.serve")
 # A generation is only cancelled when its client went away, so no client ever reads "cancelled".
 FINISH = {"eot": "stop", "length": "length", "cancelled": "stop"}
 
@@ -40,7 +46,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: bool = False
@@ -70,17 +76,22 @@ async def list_models(request: Request) -> dict:
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = request.app.state
-    prompt = chat_prompt(state.tok, body.messages, state.model.cfg.block_size)
+    context = state.model.cfg.block_size
     max_tokens = body.max_completion_tokens or body.max_tokens
     field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-    check_max_tokens(max_tokens, field, state.model.cfg.block_size)
-    if state.engine.busy:
-        raise RequestError(429, f"{state.engine.max_active} generations are running; retry shortly")
-    cfg = GenConfig(max_new_tokens=max_tokens or state.model.cfg.block_size, temperature=body.temperature,
-                    top_p=body.top_p, seed=body.seed)
-    # Per-token statistics only when the client asked for logprobs: without them decoding is fastest.
-    job = state.engine.start(prompt, cfg, StatsRequest(top_alternatives=body.top_logprobs or 0) if body.logprobs
-                             else None)
+    check_max_tokens(max_tokens, field, context)
+    engine = state.engine
+    job = engine.admit()  # before any work: a 429 costs nothing
+    try:
+        prompt = await run_in_threadpool(chat_prompt, state.tok, body.messages, context)
+        cfg = GenConfig(max_new_tokens=max_tokens or context, temperature=body.temperature,
+                        top_p=body.top_p, seed=body.seed)
+        # Per-token statistics only when the client asked for logprobs: without them decoding is fastest.
+        engine.start(job, prompt, cfg, StatsRequest(top_alternatives=body.top_logprobs or 0) if body.logprobs
+                     else None)
+    except BaseException:
+        engine.release(job)
+        raise
     head = {"id": f"chatcmpl-{job.id}", "created": int(time.time()), "model": body.model or _model_id(request),
             "system_fingerprint": None}
     table = state.tokens
@@ -100,7 +111,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         return step.id != state.tok.eot_id
 
     if not body.stream:
-        steps = [s async for s in state.engine.steps(job)]
+        try:
+            steps = await engine.collect(job, request.receive)
+        except ClientGone:  # nobody is left to read an answer; the generation has been stopped
+            return Response(status_code=499)
+        finally:
+            engine.release(job)
         shown = [s for s in steps if visible(s)]
         choice = {"index": 0, "message": {"role": "assistant", "content": "".join(s.text for s in shown)},
                   "logprobs": {"content": [logprobs(s) for s in shown]} if body.logprobs else None,
@@ -113,16 +129,19 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
                                    allow_nan=False)}
 
     async def events():
-        yield chunk({"role": "assistant", "content": ""})
-        n = 0
-        async for step in state.engine.steps(job):
-            n += 1
-            if visible(step):
-                yield chunk({"content": step.text}, lp={"content": [logprobs(step)]} if body.logprobs else None)
-        yield chunk({}, FINISH[job.gen.finish_reason])
-        if body.stream_options and body.stream_options.include_usage:
-            yield {"data": json.dumps({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(n)})}
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            n = 0
+            async for step in engine.steps(job):
+                n += 1
+                if visible(step):
+                    yield chunk({"content": step.text}, lp={"content": [logprobs(step)]} if body.logprobs else None)
+            yield chunk({}, FINISH[job.gen.finish_reason])
+            if body.stream_options and body.stream_options.include_usage:
+                yield {"data": json.dumps({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(n)})}
+        except Exception as e:  # the stream still ends properly: an error chunk, then [DONE]
+            log.exception("generation %s failed", job.id)
+            yield {"data": json.dumps(error_body(500, f"{type(e).__name__}: {e}", None))}
         yield {"data": "[DONE]"}
 
-    return EventSourceResponse(events(), ping=15)
-
+    return JobResponse(events(), engine, job)

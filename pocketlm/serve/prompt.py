@@ -11,7 +11,12 @@ from typing import Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from pocketlm.tokenizer.chat_template import format_chat_tokens
+from pocketlm import PocketLMError
+from pocketlm.infer.chat import chat_prompt_ids, fit_messages, prompt_limit
+
+
+# Seeds go to torch.Generator.manual_seed, which takes this range; outside it a seed is a 400, not a 500.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 
 class Message(BaseModel):
@@ -27,17 +32,29 @@ class RequestError(Exception):
         self.status, self.message, self.param = status, message, param
 
 
+def error_body(status: int, message: str, param: str | None) -> dict:
+    kind = "rate_limit_error" if status == 429 else "server_error" if status >= 500 else "invalid_request_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
 def error_response(status: int, message: str, param: str | None) -> JSONResponse:
-    kind = "rate_limit_error" if status == 429 else "invalid_request_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}},
-                        status_code=status)
+    return JSONResponse(error_body(status, message, param), status_code=status)
 
 
 def chat_prompt(tok, messages: list[Message], context: int) -> list[int]:
-    """The chat template applied to `messages`, refused if it leaves no room in the context."""
-    ids = format_chat_tokens(tok, [m.model_dump() for m in messages], add_generation_prompt=True)
+    """The chat template applied to `messages` (a trailing assistant message is continued), refused
+    if it leaves no room in the context."""
+    ids = chat_prompt_ids(tok, [m.model_dump() for m in messages])
     check_prompt_length(len(ids), "messages", context)
     return ids
+
+
+def fitted_chat_prompt(tok, messages: list[Message], context: int, max_tokens: int) -> tuple[list[int], int]:
+    """(ids, dropped): the oldest turns dropped until the prompt leaves room for a reply (as in `pocketlm chat`)."""
+    try:
+        return fit_messages(tok, [m.model_dump() for m in messages], prompt_limit(context, max_tokens))
+    except PocketLMError as e:
+        raise RequestError(400, str(e), "messages") from None
 
 
 def check_prompt_length(n: int, param: str, context: int) -> None:
