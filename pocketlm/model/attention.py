@@ -16,6 +16,7 @@ from torch import nn
 
 from pocketlm.model.config import GPTConfig
 from pocketlm.model.hooks import HookPoint
+from pocketlm.model.norm import RMSNorm
 from pocketlm.model.rope import apply_rope
 
 if TYPE_CHECKING:
@@ -31,6 +32,9 @@ class CausalSelfAttention(nn.Module):
         # Rows [0,C) -> q, [C,2C) -> k, [2C,3C) -> v: one matmul instead of three.
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
         self.out = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        # Optional QK-norm (as in OLMo 2, Qwen 3, modded-nanogpt): bounds the attention logits.
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.hook_q = HookPoint()  # [batch, pos, head_index, d_head]
         self.hook_k = HookPoint()  # [batch, pos, head_index, d_head]
         self.hook_v = HookPoint()  # [batch, pos, head_index, d_head]
@@ -45,6 +49,8 @@ class CausalSelfAttention(nn.Module):
         B, S, C = x.shape
         q, k, v = self.qkv(x).view(B, S, 3, self.n_head, self.head_dim).unbind(2)
         q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         # Tables in the activation dtype (as HF does), so autocast never mixes fp32 q/k with bf16 v.
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q = self.hook_rot_q(apply_rope(q, cos, sin))
