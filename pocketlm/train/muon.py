@@ -102,10 +102,10 @@ class MuonAdamW(torch.optim.Optimizer):
         p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** t))
 
 
-def muon_groups(model: nn.Module, lr: float, muon_lr: float, weight_decay: float) -> list[dict]:
+def muon_groups(model: nn.Module, lr: float, ratio: float, weight_decay: float) -> list[dict]:
     """Hidden 2-D matrices (the residual blocks' projections) -> Muon, grouped by how many fused blocks
     each holds; the embedding and the norms -> AdamW without decay (as in `optim.param_groups`).
-    Each group remembers its own peak LR as `lr_scale` of the schedule's LR, see `set_lr`."""
+    Muon's LR is `ratio` times AdamW's `lr`; each group keeps its scale as `lr_scale`, see `set_lr`."""
     matrices, others = param_groups(model, weight_decay)
     names = {id(p): n for n, p in model.named_parameters()}
     by_blocks: dict[int, list[torch.Tensor]] = {}
@@ -114,8 +114,8 @@ def muon_groups(model: nn.Module, lr: float, muon_lr: float, weight_decay: float
         by_blocks.setdefault(blocks, []).append(p)
     # Decoupled decay shrinks weights by lr * weight_decay a step; Muon's LR is ~10x AdamW's, so its
     # coefficient is scaled down to shrink the matrices at the rate AdamW would.
-    groups = [{"params": ps, "muon": True, "blocks": k, "lr": muon_lr, "lr_scale": muon_lr / lr,
-               "weight_decay": weight_decay * lr / muon_lr} for k, ps in sorted(by_blocks.items())]
+    groups = [{"params": ps, "muon": True, "blocks": k, "lr": lr * ratio, "lr_scale": ratio,
+               "weight_decay": weight_decay / ratio} for k, ps in sorted(by_blocks.items())]
     return groups + [{**others, "muon": False, "lr": lr, "lr_scale": 1.0}]
 
 
@@ -126,7 +126,10 @@ def build_optimizer(model: nn.Module, cfg, peak_lr: float, device: torch.device)
         return build_adamw(model, peak_lr, cfg.weight_decay, cfg.beta2, device)
     if cfg.optimizer != "muon":
         raise PocketLMError(f"TrainConfig.optimizer={cfg.optimizer!r}: use muon or adamw")
-    groups = muon_groups(model, peak_lr, cfg.muon_lr * peak_lr / cfg.lr, cfg.weight_decay)
+    if cfg.muon_lr <= 0 or cfg.lr < 0:
+        raise PocketLMError(f"TrainConfig.muon_lr={cfg.muon_lr} must be > 0 and lr={cfg.lr} >= 0")
+    ratio = cfg.muon_lr / cfg.lr if cfg.lr > 0 else 1.0  # lr 0: every LR is 0 whatever the ratio
+    groups = muon_groups(model, peak_lr, ratio, cfg.weight_decay)
     return MuonAdamW(groups, betas=(0.9, cfg.beta2), momentum=cfg.muon_momentum)
 
 
