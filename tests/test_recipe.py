@@ -193,3 +193,18 @@ def test_recipe_toml_tables_and_unknown_keys(tmp_path):
     bad.write_text("[recipe]\nvocab = 3\n")
     with pytest.raises(PocketLMError, match="vocab"):
         recipe_config(bad, None)
+
+
+def test_transcript_asks_pocketlm_serve_through_the_openai_client(small_tokenizer, tmp_path):
+    from pocketlm.model.io import save_model
+    from pocketlm.train.transcript import ask_all, write_transcript
+
+    ckpt = save_model(tmp_path / "m", tiny_model(small_tokenizer.vocab_size), small_tokenizer.path,
+                      {"special_ids": small_tokenizer.special_token_ids()})
+    prompts = heldout_prompts()[:2]
+    replies = ask_all(ckpt, prompts, max_tokens=3, device="cpu")
+    assert [(r.mode, r.prompt) for r in replies] == [(m, p) for m in ("greedy", "sampled") for p in prompts]
+    assert all(r.finish_reason in ("stop", "length") for r in replies)
+    stats = write_transcript(replies, tmp_path / "out", 3)
+    assert stats["greedy"]["n"] == 2 and 0.0 <= stats["sampled"]["ended_on_eot"] <= 1.0
+    assert (tmp_path / "out" / "transcript.md").read_text().count("**greedy**") == 2
