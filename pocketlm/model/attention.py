@@ -21,6 +21,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from pocketlm.device import is_mps
 from pocketlm.model.config import GPTConfig
 from pocketlm.model.hooks import HookPoint
+from pocketlm.model.norm import RMSNorm
 from pocketlm.model.rope import apply_rope
 
 if TYPE_CHECKING:
@@ -55,6 +56,9 @@ class CausalSelfAttention(nn.Module):
         # Rows [0,C) -> q, [C,2C) -> k, [2C,3C) -> v: one matmul instead of three.
         self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=False)
         self.out = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        # Optional QK-norm (as in OLMo 2, Qwen 3, modded-nanogpt): bounds the attention logits.
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.hook_q = HookPoint()  # [batch, pos, head_index, d_head]
         self.hook_k = HookPoint()  # [batch, pos, head_index, d_head]
         self.hook_v = HookPoint()  # [batch, pos, head_index, d_head]
@@ -72,9 +76,12 @@ class CausalSelfAttention(nn.Module):
                 attn_mask: Mask, cache: KVCache | None) -> torch.Tensor:
         B, S, C = x.shape
         qkv = self.qkv(x).view(B, S, 3, self.n_head, self.head_dim)
-        if any(h.has_hooks() for h in (self.hook_q, self.hook_k, self.hook_rot_q, self.hook_rot_k)):
+        hooked = any(h.has_hooks() for h in (self.hook_q, self.hook_k, self.hook_rot_q, self.hook_rot_k))
+        if hooked or self.q_norm is not None:
             q, k, v = qkv.unbind(2)
             q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
             q = self.hook_rot_q(apply_rope(q, cos, sin))
             k = self.hook_rot_k(apply_rope(k, cos, sin))
         else:

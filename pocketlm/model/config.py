@@ -34,6 +34,8 @@ class GPTConfig:
     norm_eps: float = field(default=1e-5, metadata={"help": "RMSNorm epsilon"})
     init_std: float = field(default=0.02,
                             metadata={"help": "std of the normal init; residual projections get /sqrt(2L)"})
+    qk_norm: bool = field(default=False, metadata={"help": "RMSNorm on each head's queries and keys before RoPE "
+                                                         "(not exportable to a plain Llama)"})
 
     def __post_init__(self) -> None:
         if self.ffn_hidden is None:

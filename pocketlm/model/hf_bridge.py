@@ -67,6 +67,9 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str,
 
 def hf_config(cfg: GPTConfig, eot_id: int, dtype: str) -> dict[str, Any]:
     """config.json for LlamaForCausalLM; rope_theta is written both ways (transformers 4.x and 5.x)."""
+    if cfg.qk_norm:
+        raise PocketLMError("this model normalises queries and keys (qk_norm), which a Llama does not: it cannot be "
+                            "exported as LlamaForCausalLM")
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.n_embd, "intermediate_size": cfg.ffn_hidden,

@@ -10,7 +10,7 @@ from pocketlm.config import add_dataclass_args, load_toml, resolve
 from pocketlm.model.config import GPTConfig
 from pocketlm.train.config import TrainConfig
 
-TOML_TABLES = ("train", "model")
+TOML_TABLES = ("train", "model", "recipe")  # [recipe] is read by `pocketlm quickstart --config`
 
 
 def read_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any]]:
@@ -18,7 +18,7 @@ def read_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any]]:
     data = load_toml(args.config) if args.config else {}
     unknown = sorted(set(data) - set(TOML_TABLES))
     if unknown:
-        raise PocketLMError(f"{args.config}: unknown table(s) {', '.join(unknown)}; use [train] and [model]")
+        raise PocketLMError(f"{args.config}: unknown table(s) {', '.join(unknown)}; use [train], [model] (and [recipe])")
     where = args.config or "flags"
     cfg = resolve(TrainConfig, args, data.get("train", {}), where=f"{where} [train]")
     model = dict(data.get("model", {}))
@@ -70,7 +70,7 @@ def _plot(args: argparse.Namespace) -> int:
 def _quickstart(args: argparse.Namespace) -> int:
     from pocketlm.train.quickstart import quickstart
 
-    return quickstart(args.out, args.data_dir, args.steps, args.device)
+    return quickstart(args.out, args.data_dir, args.steps, args.device, args.config)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -108,6 +108,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quickstart", help="the whole pipeline at a small scale, offline, in minutes")
     p.add_argument("--out", default="runs/quickstart", help="folder for tokenizer, cache and run")
     p.add_argument("--data-dir", help="local data mirror: use the real datasets instead of the embedded text")
+    p.add_argument("--config", help="a recipe TOML ([recipe], [train], [model]), e.g. configs/v1.toml: the real "
+                                    "recipe, judged on held-out prompts at the end")
     p.add_argument("--steps", type=int, help="optimizer steps per phase (default: pocketlm/train/quickstart.toml)")
     p.add_argument("--device", default="auto", help="auto | cuda | mps | cpu")
     p.set_defaults(handler=_quickstart)

@@ -33,19 +33,32 @@ class TrainConfig:
     micro_batch: int = field(default=8, metadata={"help": "rows per forward/backward"})
     accum_steps: int = field(default=8, metadata={"help": "micro-batches accumulated per optimizer step"})
     # optimization
-    pretrain_steps: int = field(default=5000, metadata={"help": "optimizer steps of the pretrain phase"})
+    # The pretrain length, first that applies: tokens (> 0), pretrain_steps (set), epochs. The default is
+    # 4 passes over the cache's pretrain mixture: past a few passes the model memorises (docs/LOG.md).
+    tokens: float = field(default=0.0, metadata={"help": "pretrain token budget, e.g. 2e8 (sets the steps)"})
+    pretrain_steps: int | None = field(default=None, metadata={"help": "optimizer steps of the pretrain phase "
+                                                                        "(unset: from --tokens or --epochs)"})
+    epochs: float = field(default=4.0, metadata={"help": "passes over the pretrain mixture's train split, when "
+                                                         "neither --tokens nor --pretrain-steps is given"})
     sft_steps: int = field(default=1000, metadata={"help": "optimizer steps of the SFT phase"})
     lr: float = field(default=3e-3, metadata={"help": "peak learning rate (pretrain)"})
     sft_lr: float = field(default=3e-4, metadata={"help": "peak learning rate (SFT)"})
     min_lr_frac: float = field(default=0.1, metadata={"help": "final LR as a fraction of the peak"})
-    warmup_steps: int = field(default=200, metadata={"help": "linear warmup steps"})
-    schedule: str = field(default="cosine", metadata={"help": "cosine | wsd (warmup-stable-decay)"})
+    warmup_steps: int | None = field(default=None, metadata={"help": "linear warmup steps; unset: warmup_frac"})
+    warmup_frac: float = field(default=0.05, metadata={"help": "warmup as a share of each phase's steps"})
+    schedule: str = field(default="wsd", metadata={"help": "wsd (warmup-stable-decay) | cosine"})
     decay_frac: float = field(default=0.2, metadata={"help": "wsd: share of steps spent decaying"})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay on matrices (not norms/embeddings)"})
+    optimizer: str = field(default="muon", metadata={"help": "muon (Muon on hidden matrices + AdamW) | adamw"})
+    muon_lr: float = field(default=0.02, metadata={"help": "Muon peak LR (pretrain; SFT scales it by sft_lr/lr)"})
+    muon_momentum: float = field(default=0.95, metadata={"help": "Muon Nesterov momentum"})
+    z_loss: float = field(default=0.0, metadata={"help": "weight of the z-loss mean(logsumexp(logits)^2); 0 = off"})
+    weight_decay: float = field(default=0.1, metadata={"help": "decoupled decay on matrices (not norms/embeddings)"})
     beta2: float = field(default=0.95, metadata={"help": "AdamW beta2 (beta1 is 0.9)"})
     grad_clip: float = field(default=1.0, metadata={"help": "max global grad norm; 0 disables"})
     # evaluation, logging, checkpoints
     eval_every: int = field(default=250, metadata={"help": "steps between evaluations (and best/last saves)"})
+    patience: int = field(default=3, metadata={"help": "stop a phase after this many evaluations without a "
+                                                             "better validation loss; 0 = never"})
     eval_batches: int = field(default=20, metadata={"help": "validation batches per source"})
     log_every: int = field(default=10, metadata={"help": "steps between metrics lines (each one syncs the device)"})
     sample_tokens: int = field(default=48, metadata={"help": "greedy tokens per sample prompt at each eval; 0 = none"})
@@ -64,6 +77,13 @@ class TrainConfig:
     compiled_autograd: bool = field(default=False, metadata={"help": "with compile: compile the backward too; under "
                                                                      "DDP its all-reduces are traced into that graph"})
     seed: int = field(default=0, metadata={"help": "model init and data order"})
+
+
+def warmup_for(cfg: TrainConfig, steps: int) -> int:
+    """Warmup steps of a phase of `steps` steps: warmup_steps when set, else warmup_frac of the phase."""
+    if cfg.warmup_steps is not None:
+        return min(cfg.warmup_steps, steps)
+    return max(1, round(cfg.warmup_frac * steps))
 
 
 def config_dict(cfg: TrainConfig) -> dict[str, Any]:

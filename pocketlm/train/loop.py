@@ -24,9 +24,9 @@ from pocketlm.device import to_device
 from pocketlm.format import IGNORE_INDEX
 from pocketlm.train import ddp, metrics
 from pocketlm.train.checkpoint import rng_state, save_checkpoint, set_rng_state
-from pocketlm.train.config import TrainConfig, config_dict
+from pocketlm.train.config import TrainConfig, config_dict, warmup_for
 from pocketlm.train.evaluate import evaluate, greedy_text, pooled
-from pocketlm.train.optim import build_adamw
+from pocketlm.train.muon import build_optimizer, set_lr
 from pocketlm.train.precision import MAX_SKIPPED_STEPS, Precision, device_name, peak_flops, resolve_precision
 from pocketlm.train.schedule import lr_at
 
@@ -61,7 +61,8 @@ def micro_batches(data: Any, step: int, micro_batch: int, accum: int, rank: int 
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, batches: list[dict], prec: Precision,
-               grad_clip: float, device: torch.device, dist: ddp.DistInfo) -> tuple[torch.Tensor, torch.Tensor]:
+               grad_clip: float, device: torch.device, dist: ddp.DistInfo,
+               z_loss: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over `batches` (this rank's micro-batches), without waiting for the device.
 
     Each micro-batch's mean loss is weighted by its share of the global batch's target tokens, so the
@@ -69,7 +70,8 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, batches: list[dict]
     ranks (SFT rows carry very different numbers of assistant tokens). Returns (this rank's share of
     the global mean loss, global grad norm before clipping), both device tensors. A step whose
     gradient is not finite changes nothing: GradScaler skips it in fp16, the fused optimizer's
-    `found_inf` in bf16/fp32, both decided on the device.
+    `found_inf` in bf16/fp32, both decided on the device. z_loss > 0 adds z_loss * mean(logsumexp(logits)^2)
+    over the targets (keeps the logits' scale in check; the returned loss stays the cross-entropy alone).
     """
     counts = [int((b["y"] != IGNORE_INDEX).sum()) for b in batches]  # CPU tensors: no device sync
     n_global = ddp.all_reduce_count(sum(counts), device, dist)
@@ -78,11 +80,13 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, batches: list[dict]
         last = i == len(batches) - 1
         with ddp.maybe_no_sync(model, sync=last):
             with prec.autocast():
-                _, loss = model(to_device(b["x"], device), to_device(b["y"], device),
-                                positions=to_device(b["positions"], device), doc_ids=to_device(b["doc_ids"], device),
-                                return_logits=False)
+                y = to_device(b["y"], device)
+                # z-loss needs the logits; without it the loss never holds the batch's fp32 logits.
+                logits, loss = model(to_device(b["x"], device), y, positions=to_device(b["positions"], device),
+                                     doc_ids=to_device(b["doc_ids"], device), return_logits=bool(z_loss))
+            objective = loss + z_loss * z_penalty(logits, y) if z_loss else loss
             # DDP averages gradients over ranks, hence the factor world to get a global token sum.
-            prec.scaler.scale(loss * (n * dist.world / n_global)).backward()
+            prec.scaler.scale(objective * (n * dist.world / n_global)).backward()
         loss_share += loss.detach() * (n / n_global)
     prec.scaler.unscale_(opt)
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -97,6 +101,12 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, batches: list[dict]
         opt.step()
     opt.zero_grad(set_to_none=True)
     return loss_share, grad_norm
+
+
+def z_penalty(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """mean(logsumexp(logits)^2) over the target positions, without a host sync."""
+    valid = (y != IGNORE_INDEX).float()
+    return (torch.logsumexp(logits.float(), -1).square() * valid).sum() / valid.sum().clamp(min=1)
 
 
 def flops_per_token(model_cfg: Any, n_params: int, seq_len: int) -> float:
@@ -145,13 +155,14 @@ def run_phase(run: RunContext, phase: Phase, model: nn.Module, tokenizer_path: P
     """
     cfg, dist, device = run.cfg, run.dist, run.device
     phase_dir = run.run_dir / phase.name
-    opt = build_adamw(model, phase.peak_lr, cfg.weight_decay, cfg.beta2, device)
+    opt = build_optimizer(model, cfg, phase.peak_lr, device)
     prec = Precision.create(device, resolve_precision(device, cfg.precision))
-    step, best = 0, math.inf
+    step, best, stale = 0, math.inf, 0  # stale: evaluations in a row without a better validation loss
+    warmup = warmup_for(cfg, phase.steps)
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         prec.load_state_dict(state["precision"])
-        step, best = state["step"], state["best_val"]
+        step, best, stale = state["step"], state["best_val"], state.get("stale_evals", 0)
         set_rng_state(state["rng"])
     train_model = ddp.wrap(model, cfg, device, dist)
 
@@ -165,18 +176,17 @@ def run_phase(run: RunContext, phase: Phase, model: nn.Module, tokenizer_path: P
             meta = {"phase": phase.name, "step": step, "val_loss": val_loss, "train_config": config_dict(cfg),
                     "special_ids": run.tok.special_token_ids()}
             st = {"optimizer": opt.state_dict(), "precision": prec.state_dict(), "step": step,
-                  "best_val": best, "rng": rng_state(), "data_position": step, "config": config_dict(cfg)}
+                  "best_val": best, "stale_evals": stale, "rng": rng_state(), "data_position": step, "config": config_dict(cfg)}
             save_checkpoint(phase_dir, kind, model, tokenizer_path, meta, st)
         ddp.barrier(dist)
 
     try:  # close the bar also when the run stops with an error, so the message is not garbled
         while step < phase.steps:
-            lr = lr_at(step, phase.peak_lr, phase.steps, cfg.warmup_steps, cfg.min_lr_frac, cfg.schedule,
-                       cfg.decay_frac)
-            for g in opt.param_groups:
-                g["lr"] = lr
+            lr = lr_at(step, phase.peak_lr, phase.steps, warmup, cfg.min_lr_frac, cfg.schedule, cfg.decay_frac)
+            set_lr(opt, lr)
             batches = micro_batches(phase.train, step, cfg.micro_batch, cfg.accum_steps, dist.rank, dist.world)
-            loss_share, grad_norm = train_step(train_model, opt, batches, prec, cfg.grad_clip, device, dist)
+            loss_share, grad_norm = train_step(train_model, opt, batches, prec, cfg.grad_clip, device, dist,
+                                               cfg.z_loss)
             # fp16 reads every step's grad norm (GradScaler waits for the device anyway) to count the
             # skipped steps in a row; bf16/fp32 never wait here: their non-finite steps, already skipped
             # on the device, are counted there and stop the run at the next log line.
@@ -209,11 +219,20 @@ def run_phase(run: RunContext, phase: Phase, model: nn.Module, tokenizer_path: P
                 meter.reset()
             if evaluating:
                 val = run_eval(run, phase, model, step, prec)
+                stale = 0 if val < best else stale + 1
                 if val < best:
                     best = val
                     save("best", val)
                 save("last", val)
                 meter.reset()  # evaluation time is not training throughput
+                if cfg.patience and stale >= cfg.patience and step < phase.steps:
+                    run.log(f"{phase.name}: stopped early at step {step} of {phase.steps}: validation loss has not "
+                            f"improved on {best:.4f} for {stale} evaluations (patience {cfg.patience}, every "
+                            f"{cfg.eval_every} steps); best/ holds the best model")
+                    if dist.rank == 0:
+                        metrics.append(run.metrics_path, {"kind": "stop", "step": step, "phase": phase.name,
+                                                          "best_val": best, "stale_evals": stale})
+                    break
     finally:
         bar.close()
     return best

@@ -2,16 +2,21 @@
 
 Offline by default: it pretrains on the `embedded` source (the docstrings of the installed Python's
 standard library) and fine-tunes on the shipped `primer` chats. With --data-dir it uses the real
-datasets of the default recipe instead, at a small scale. Each stage is skipped when its output is
-already there, so an interrupted quickstart continues where it stopped.
+datasets of the default recipe instead, at a small scale. With --config (e.g. configs/v1.toml) it runs
+the recipe that file describes: its [recipe] table names the sources and the tokenizer size, [train]
+and [model] the run, and the chat model is then judged on held-out prompts through `pocketlm serve`
+(transcript.md). Sources stream from the hub unless --data-dir names a local mirror. Each stage is
+skipped when its output is already there, so an interrupted quickstart continues where it stopped.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from pocketlm import PocketLMError
 from pocketlm.config import from_dict, load_toml
 from pocketlm.train.config import TrainConfig
 
@@ -22,6 +27,21 @@ OFFLINE = {"pretrain": ["embedded"], "sft": ["primer"], "eval": []}
 REAL = {"pretrain": ["fineweb_edu:take=2500", "roam"], "sft": ["dolly:take=3000", "oasst1", "primer"],
         "eval": ["wikitext:take=200"]}
 CHAT_PROMPTS = ("Hi!", "What can you do?")
+
+
+@dataclass
+class RecipeConfig:
+    """The [recipe] table of a quickstart TOML: what to read and how large a tokenizer to train."""
+    pretrain: tuple[str, ...] = field(default=tuple(REAL["pretrain"]), metadata={"help": "pretrain source specs"})
+    eval: tuple[str, ...] = field(default=tuple(REAL["eval"]), metadata={"help": "eval-only source specs"})
+    sft: tuple[str, ...] = field(default=tuple(REAL["sft"]), metadata={"help": "SFT source specs"})
+    vocab_size: int = field(default=VOCAB_SIZE, metadata={"help": "tokenizer pieces"})
+    val_fraction: float = field(default=0.1, metadata={"help": "share of documents held out for validation"})
+    transcript_max_tokens: int = field(default=0, metadata={"help": "judge the chat model on the held-out "
+                                                                     "prompts through `pocketlm serve`; 0 = skip"})
+
+    def sources(self) -> dict[str, list[str]]:
+        return {"pretrain": list(self.pretrain), "sft": list(self.sft), "eval": list(self.eval)}
 
 
 def _name(spec: str) -> str:
@@ -36,23 +56,39 @@ def _corpus(sources: dict[str, list[str]], data_dir: str | None) -> Iterator[str
             yield "\n".join(texts)  # a chat's messages as one text
 
 
-def quickstart_config(out: Path, sources: dict[str, list[str]], steps: int | None,
-                      device: str) -> tuple[TrainConfig, dict]:
-    data = load_toml(CONFIG)
-    cfg = from_dict(TrainConfig, data.get("train", {}), where=f"{CONFIG} [train]")
+def quickstart_config(out: Path, sources: dict[str, list[str]], steps: int | None, device: str,
+                      path: Path = CONFIG) -> tuple[TrainConfig, dict]:
+    data = load_toml(path)
+    unknown = sorted(set(data) - {"recipe", "train", "model"})
+    if unknown:
+        raise PocketLMError(f"{path}: unknown table(s) {', '.join(unknown)}; use [recipe], [train] and [model]")
+    table = data.get("train", {})
+    cfg = from_dict(TrainConfig, table, where=f"{path} [train]")
     pretrain = [_name(s) for s in sources["pretrain"]]
-    # Several pretrain sources are the recipe's (REAL): they keep its mixture, TrainConfig's default.
-    cfg = dataclasses.replace(
-        cfg, runs_dir=str(out), cache=str(out / "cache"), device=device,
-        pretrain_mix=cfg.pretrain_mix if len(pretrain) > 1 else (f"{pretrain[0]}=1",),
-        eval_sources=tuple(_name(s) for s in sources["eval"]), sft_sources=tuple(_name(s) for s in sources["sft"]))
+    # Several pretrain sources are the recipe's: they keep its mixture (TrainConfig's default), unless the
+    # file sets the mixture itself.
+    auto = {"pretrain_mix": cfg.pretrain_mix if len(pretrain) > 1 else (f"{pretrain[0]}=1",),
+            "eval_sources": tuple(_name(s) for s in sources["eval"]),
+            "sft_sources": tuple(_name(s) for s in sources["sft"])}
+    cfg = dataclasses.replace(cfg, runs_dir=str(out), cache=str(out / "cache"), device=device,
+                              **{k: v for k, v in auto.items() if k not in table})
     if steps is not None:
-        cfg = dataclasses.replace(cfg, pretrain_steps=steps, sft_steps=steps, warmup_steps=min(cfg.warmup_steps, steps),
-                                  eval_every=min(cfg.eval_every, steps))
+        warmup = None if cfg.warmup_steps is None else min(cfg.warmup_steps, steps)
+        cfg = dataclasses.replace(cfg, pretrain_steps=steps, sft_steps=steps, tokens=0.0, epochs=0.0,
+                                  warmup_steps=warmup, eval_every=min(cfg.eval_every, steps))
     return cfg, data.get("model", {})
 
 
-def quickstart(out: str | Path, data_dir: str | None = None, steps: int | None = None, device: str = "auto") -> int:
+def recipe_config(path: str | Path | None, data_dir: str | None) -> tuple[RecipeConfig, Path]:
+    """The [recipe] of --config, or the built-in small recipe (offline, or the real data with --data-dir)."""
+    if path is None:
+        small = RecipeConfig(**{k: tuple(v) for k, v in (REAL if data_dir else OFFLINE).items()}, val_fraction=0.1)
+        return small, CONFIG
+    return from_dict(RecipeConfig, load_toml(path).get("recipe", {}), where=f"{path} [recipe]"), Path(path)
+
+
+def quickstart(out: str | Path, data_dir: str | None = None, steps: int | None = None, device: str = "auto",
+               config: str | Path | None = None) -> int:
     from pocketlm.cache.build_cache import build_cache
     from pocketlm.model.io import load_model
     from pocketlm.tokenizer.chat_template import format_chat_tokens
@@ -62,18 +98,21 @@ def quickstart(out: str | Path, data_dir: str | None = None, steps: int | None =
     from pocketlm.train.run import train
 
     out = Path(out)
-    sources = REAL if data_dir else OFFLINE
-    cfg, model_overrides = quickstart_config(out, sources, steps, device)
+    recipe, path = recipe_config(config, data_dir)
+    sources = recipe.sources()
+    cfg, model_overrides = quickstart_config(out, sources, steps, device, path)
     tok_path = out / "tokenizer" / MODEL_FILE
-    print(f"[1/6] tokenizer ({VOCAB_SIZE} pieces) -> {tok_path}")
+    print(f"[1/6] tokenizer ({recipe.vocab_size} pieces) -> {tok_path}")
     if not tok_path.is_file():
-        train_tokenizer(_corpus(sources, data_dir), vocab_size=VOCAB_SIZE, out_dir=tok_path.parent, seed=cfg.seed)
+        train_tokenizer(_corpus(sources, data_dir), vocab_size=recipe.vocab_size, out_dir=tok_path.parent,
+                        seed=cfg.seed)
     print(f"[2/6] token cache -> {cfg.cache}")
     if not (Path(cfg.cache) / "meta.json").is_file():
         specs = ([(s, "pretrain") for s in sources["pretrain"]] + [(s, "eval") for s in sources["eval"]]
                  + [(s, "sft") for s in sources["sft"]])
-        build_cache(tok_path, specs, cfg.cache, seed=cfg.seed, data_dir=data_dir, val_fraction=0.1)
-    print(f"[3/6] pretrain + [4/6] SFT ({cfg.pretrain_steps} + {cfg.sft_steps} steps) -> {out / cfg.name}")
+        build_cache(tok_path, specs, cfg.cache, seed=cfg.seed, data_dir=data_dir, val_fraction=recipe.val_fraction)
+    length = f"{cfg.pretrain_steps} steps" if cfg.pretrain_steps else f"{cfg.tokens or cfg.epochs:g} tokens/passes"
+    print(f"[3/6] pretrain ({length}) + [4/6] SFT ({cfg.sft_steps} steps) -> {out / cfg.name}")
     best = train(cfg, model_overrides, "pretrain_then_sft", resume=True)
     print("[5/6] evaluation of the SFT model (validation split)")
     for source, r in eval_checkpoint(best, cfg.cache, cfg.eval_batches, cfg.micro_batch, device).items():
@@ -84,6 +123,13 @@ def quickstart(out: str | Path, data_dir: str | None = None, steps: int | None =
         ids = format_chat_tokens(tok, [{"role": "user", "content": prompt}])
         print(f"  user: {prompt}\n  assistant: {greedy_text(model, tok, ids, 48)}")
     run_dir = out / cfg.name
+    if recipe.transcript_max_tokens:
+        from pocketlm.train.transcript import ask_all, heldout_prompts, write_transcript
+
+        print(f"[6/6] held-out prompts through `pocketlm serve` -> {run_dir / 'transcript.md'}")
+        replies = ask_all(best, heldout_prompts(), recipe.transcript_max_tokens, device)
+        for mode, s in write_transcript(replies, run_dir, recipe.transcript_max_tokens).items():
+            print(f"  {mode}: {s['ended_on_eot']:.0%} end on <|eot|>, {s['repeats_phrase']:.0%} repeat a phrase")
     plots = plot_run(run_dir)
     print(f"\ncheckpoints: {run_dir / 'pretrain' / 'best'}  {best}")
     print(f"metrics:     {run_dir / 'metrics.jsonl'}")

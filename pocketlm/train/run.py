@@ -21,9 +21,11 @@ from pocketlm.model import GPT, GPTConfig
 from pocketlm.model.io import load_model
 from pocketlm.tokenizer.tokenizer_sp import MODEL_FILE, Tokenizer
 from pocketlm.train import ddp, metrics
+from pocketlm.train.budget import describe_budget, estimate_tok_per_s, phase_budget, resolve_steps
 from pocketlm.train.checkpoint import load_state
 from pocketlm.train.config import TrainConfig, config_dict
-from pocketlm.train.loop import RunContext, run_phase
+from pocketlm.train.loop import RunContext, flops_per_token, run_phase
+from pocketlm.train.precision import device_name, resolve_precision
 from pocketlm.train.pretrain import pretrain_phase
 from pocketlm.train.sft import sft_phase
 
@@ -53,6 +55,20 @@ def cache_tokenizer(cache_dir: Path) -> Tokenizer:
     return Tokenizer.load(path)
 
 
+def print_plan(cfg: TrainConfig, mcfg: GPTConfig, phases: tuple[str, ...], device: torch.device, world: int,
+               log) -> None:
+    """Steps, tokens, passes over each source and an estimated time per phase, with warnings."""
+    from pocketlm.train.plan import n_params
+
+    chip = device_name(device)
+    speed = estimate_tok_per_s(flops_per_token(mcfg, n_params(mcfg), cfg.seq_len), chip,
+                               resolve_precision(device, cfg.precision), device.type,
+                               cfg.compile if cfg.compile is not None else device.type == "cuda")
+    budgets = [phase_budget(cfg, name, world) for name in phases]
+    for line in describe_budget(budgets, speed and speed * world, chip, cfg.patience, cfg.eval_every):
+        log(line)
+
+
 def train(cfg: TrainConfig, model_overrides: dict[str, Any] | None = None, pipeline: str = "pretrain_then_sft",
           resume: bool = False, init: str | None = None) -> Path:
     """Run the phases of `pipeline`; returns the last phase's best/ folder."""
@@ -64,8 +80,10 @@ def train(cfg: TrainConfig, model_overrides: dict[str, Any] | None = None, pipel
     log = tqdm.write if dist.rank == 0 else (lambda _msg: None)
     limit_mps_memory(device, log)
     tok = cache_tokenizer(Path(cfg.cache))
+    cfg = resolve_steps(cfg, dist.world)
     run = RunContext(cfg, run_dir, device, tok, dist, log)
     mcfg = model_config(cfg, model_overrides or {}, tok.vocab_size)
+    print_plan(cfg, mcfg, PIPELINES[pipeline], device, dist.world, log)
     if dist.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         resolved = {"train": config_dict(cfg), "model": mcfg.to_dict(), "pipeline": pipeline, "init": init,
