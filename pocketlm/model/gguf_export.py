@@ -27,9 +27,9 @@ from pocketlm import PocketLMError
 from pocketlm.model.config import GPTConfig
 from pocketlm.model.hf_bridge import CHAT_TEMPLATE, EOT_PIECE, to_hf_state_dict
 from pocketlm.model.io import TOKENIZER_FILE, read_model_folder
+from pocketlm.tokenizer.tokenizer_sp import _SPACE_MARK
 
 DTYPES = ("f32", "f16", "q8_0")
-_SPACE_MARK = "\u2581"
 # SentencePiece scores an unknown character at the lowest piece score minus this (kUnkPenalty).
 _UNK_PENALTY = 10.0
 
