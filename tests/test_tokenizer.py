@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from pocketlm import PocketLMError
 from pocketlm.cli import main
-from pocketlm.tokenizer.tokenizer_sp import SPECIAL_TOKENS, TRAIN_INFO_FILE, Tokenizer, train_tokenizer
+from pocketlm.tokenizer.tokenizer_sp import REQUIRED_CHARS, SPECIAL_TOKENS, TRAIN_INFO_FILE, Tokenizer, train_tokenizer
 
 
 def _jsonl(path: Path, limit: int | None = None) -> list[dict]:
@@ -142,9 +142,12 @@ def test_byte_views_of_ids(small_tokenizer: Tokenizer) -> None:
     assert lengths.shape == (2000,) and lengths.dtype == np.int64
     assert lengths[:5].tolist() == [0, 0, 0, 0, 0]
     assert [tok.id_to_bytes(i) for i in range(5)] == [b""] * 5
-    byte_ab = tok.encode("\u00ab")  # a rare character: byte fallback gives its two UTF-8 bytes
-    assert [tok.id_to_piece(i) for i in byte_ab] == ["<0xC2>", "<0xAB>"]
-    assert [tok.id_to_bytes(i) for i in byte_ab] == [b"\xc2", b"\xab"] and lengths[byte_ab].tolist() == [1, 1]
+    byte_ab = tok.encode("\u01c2")  # an unseen character: byte fallback gives its two UTF-8 bytes
+    assert [tok.id_to_piece(i) for i in byte_ab] == ["<0xC7>", "<0x82>"]
+    assert [tok.id_to_bytes(i) for i in byte_ab] == [b"\xc7", b"\x82"] and lengths[byte_ab].tolist() == [1, 1]
+    # Printable ASCII and Latin-1 are pieces of their own, never only bytes (REQUIRED_CHARS).
+    assert all(len(tok.encode(c)) == 1 and not tok.id_to_piece(tok.encode(c)[0]).startswith("<0x")
+               for c in REQUIRED_CHARS)
     space = tok.encode(" ")
     assert [tok.id_to_piece(i) for i in space] == ["\u2581"] and tok.id_to_bytes(space[0]) == b" "
     the = tok.encode(" the")

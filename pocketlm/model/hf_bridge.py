@@ -21,8 +21,26 @@ from pocketlm.files import publish_dir, staging_dir
 from pocketlm.model.config import GPTConfig
 from pocketlm.model.gpt_v1 import GPT
 from pocketlm.model.io import TOKENIZER_FILE, read_model_folder, save_model
+from pocketlm.tokenizer.tokenizer_sp import SPECIAL_TOKENS
 
-EOT_PIECE = "<|eot|>"
+SYS_PIECE, USR_PIECE, ASST_PIECE, EOT_PIECE = SPECIAL_TOKENS
+
+# pocketlm's chat layout (tokenizer/chat_template.py) as a Jinja template, for clients that format
+# chats from text: transformers' apply_chat_template, mlx-lm, llama.cpp (embedded in the GGUF).
+# Rendered to a string and tokenized with the control pieces as special tokens, it gives exactly the
+# ids of format_chat_tokens: each role piece, the content as plain text, <|eot|>, and a closing
+# <|asst|> when a reply is wanted and the last turn is not the assistant's.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    f"{{%- if message['role'] == 'system' -%}}{SYS_PIECE}"
+    f"{{%- elif message['role'] == 'user' -%}}{USR_PIECE}"
+    f"{{%- elif message['role'] == 'assistant' -%}}{ASST_PIECE}"
+    "{%- else -%}{{ raise_exception('unknown role ' ~ message['role'] ~ '; use system, user or assistant') }}"
+    "{%- endif -%}"
+    f"{{{{- message['content'] -}}}}{EOT_PIECE}"
+    "{%- endfor -%}"
+    f"{{%- if add_generation_prompt and messages[-1]['role'] != 'assistant' -%}}{ASST_PIECE}{{%- endif -%}}"
+)
 
 
 def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tensor]:
@@ -65,11 +83,16 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str,
     return out
 
 
-def hf_config(cfg: GPTConfig, eot_id: int, dtype: str) -> dict[str, Any]:
-    """config.json for LlamaForCausalLM; rope_theta is written both ways (transformers 4.x and 5.x)."""
+def check_llama_shape(cfg: GPTConfig) -> None:
+    """Refuse what a Llama (transformers, llama.cpp, mlx-lm) cannot hold."""
     if cfg.qk_norm:
         raise PocketLMError("this model normalises queries and keys (qk_norm), which a Llama does not: it cannot be "
-                            "exported as LlamaForCausalLM")
+                            "exported as a Llama (train it with qk_norm = false to export it)")
+
+
+def hf_config(cfg: GPTConfig, eot_id: int, dtype: str) -> dict[str, Any]:
+    """config.json for LlamaForCausalLM; rope_theta is written both ways (transformers 4.x and 5.x)."""
+    check_llama_shape(cfg)
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.n_embd, "intermediate_size": cfg.ffn_hidden,
@@ -160,8 +183,10 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
     _write_json(tmp / "tokenizer.json", tokenizer_json(tok_file))
     _write_json(tmp / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size,
-        "eos_token": EOT_PIECE, "pad_token": EOT_PIECE, "unk_token": "<unk>",
-        "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False})
+        "eos_token": EOT_PIECE, "pad_token": EOT_PIECE, "unk_token": "<unk>", "bos_token": None,
+        # No BOS, no EOS, no space in front of the text: what converters (llama.cpp's among them) read.
+        "add_bos_token": False, "add_eos_token": False, "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE})
     publish_dir(tmp, out)
     return out
 

@@ -37,6 +37,13 @@ CHUNK_CHARS = 2048
 # reproducible: fixed, not os.cpu_count().
 TRAIN_THREADS = 2
 
+# Characters that are always pieces of their own, never only byte pieces: printable ASCII, printable
+# Latin-1 and the commonest typographic punctuation. With character_coverage=1.0 (every character seen
+# in training is a piece too), byte fallback is left to characters rare enough to be unseen. That is
+# what lets llama.cpp, whose unigram tokenizer has no byte fallback, tokenize text as pocketlm does.
+REQUIRED_CHARS = ("".join(chr(c) for c in range(0x21, 0x7F)) + "".join(chr(c) for c in range(0xA1, 0x100) if c != 0xAD)
+                  + "\u2013\u2014\u2018\u2019\u201c\u201d\u2022\u2026\u20ac")  # – — ‘ ’ “ ” • … €
+
 # SentencePiece writes spaces as U+2581 and turns U+2581 back into a space on decode, so a literal
 # U+2581 in the text is encoded as its UTF-8 bytes instead.
 _SPACE_MARK = "\u2581"
@@ -127,7 +134,8 @@ def train_tokenizer(corpus_iter: Iterable[str], vocab_size: int = TokenizerTrain
             sentence_iterator=iter(sample.chunks), model_writer=model,
             model_type="unigram", vocab_size=vocab_size,
             unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, control_symbols=list(special_tokens),
-            byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+            byte_fallback=True, character_coverage=1.0, required_chars=REQUIRED_CHARS,
+            normalization_rule_name="identity", remove_extra_whitespaces=False,
             add_dummy_prefix=False, split_digits=True, allow_whitespace_only_pieces=True,
             max_sentence_length=4 * CHUNK_CHARS, num_threads=TRAIN_THREADS, minloglevel=1)
     except RuntimeError as e:  # sentencepiece reports bad settings (e.g. vocab too large) this way
