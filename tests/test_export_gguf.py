@@ -95,16 +95,24 @@ def _agreement(llm, tok, corpus: list[str], name: str) -> float:
     return agree
 
 
-def test_llama_cpp_tokenizes_real_text_as_pocketlm(llama_cpp, gguf_files, tiny_ckpt: Path, shared_data: Path):
+def test_llama_cpp_tokenizes_the_fixture_corpus_as_pocketlm(llama_cpp, gguf_files, tiny_ckpt: Path, data_dir: Path):
     _, tok, _ = load_model(tiny_ckpt)
     llm = _load(llama_cpp, gguf_files["f32"])
-    assert _agreement(llm, tok, fixture_corpus(shared_data), "fixture corpus") >= 0.99
-    # Unseen text can hold characters that are no piece (measured 2026-12-03: 671/679 = 98.8%).
-    assert _agreement(llm, tok, held_out_corpus(shared_data), "held-out text") >= 0.98
+    assert _agreement(llm, tok, fixture_corpus(data_dir), "fixture corpus") >= 0.99
     # A tokenizer trained before every printable ASCII character was a piece has some only as byte
     # pieces; the export declares those as pieces of llama.cpp's, so ASCII text never misses.
     text = "Who are you? Hi!!! ~`^ {x} @y \\z"
     assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text)
+
+
+@pytest.mark.full_data
+def test_llama_cpp_tokenizes_held_out_text_as_pocketlm(llama_cpp, gguf_files, tiny_ckpt: Path, shared_data: Path):
+    """Unseen text can hold characters that are no piece of the test's small tokenizer (Devanagari, CJK, emoji,
+    rare Latin letters): llama.cpp's unigram tokenizer has no byte fallback for them. Measured 2026-12-03:
+    666 of 679 strings (98.1%); every miss holds such a character."""
+    _, tok, _ = load_model(tiny_ckpt)
+    llm = _load(llama_cpp, gguf_files["f32"])
+    assert _agreement(llm, tok, held_out_corpus(shared_data), "held-out text") >= 0.98
 
 
 def test_ascii_byte_pieces_of_an_older_tokenizer(llama_cpp, shared_data: Path, tmp_path: Path):
