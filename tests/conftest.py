@@ -7,20 +7,29 @@ they are skipped with a reason when it is absent, and fail instead when POCKETLM
 (CI sets it, so they still run there).
 
 Inference and serving: a tiny model trained in seconds on dolly chats (`tiny_ckpt`, `tiny_model`),
-live servers around it, and helpers that steer its outputs (`forced_tokens`, `suppress_eot`).
+live servers around it (`live_server`, `metered_server`), helpers that steer its outputs
+(`forced_tokens`, `suppress_eot`) and read its replies (`sse`, `inspect`, `complete`, `wait_idle`).
+
+Export clients: the chats the export tests send (`export_chats`, `reply_tokens`), pocketlm's own greedy
+reply (`pocketlm_reply`) and `need_client`, which skips when a client is missing, or fails in CI.
+
+Helpers shared by several test files are fixtures here (each returns the helper), so no test file
+imports from another.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import NamedTuple
 
 import pytest
@@ -102,6 +111,12 @@ def small_tokenizer(data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     return Tokenizer.load(train_tokenizer(_small_corpus(data_dir), vocab_size=2000, out_dir=out, seed=0))
 
 
+@pytest.fixture(scope="session")
+def small_corpus() -> Callable[[Path], Iterator[str]]:
+    """`small_corpus(data)`: the texts `small_tokenizer` is trained on."""
+    return _small_corpus
+
+
 # --- a tiny trained model ---------------------------------------------------------------------------
 
 TRAIN_STEPS = 250
@@ -158,7 +173,7 @@ def tiny_model(tiny_ckpt: Path):
 
 
 @contextmanager
-def forced_tokens(model, ids: list[int]) -> Iterator[None]:
+def _forced_tokens(model, ids: list[int]) -> Iterator[None]:
     """Make the k-th forward of each generation (the prefill is the 0th) predict `ids[k]` overwhelmingly
     (the last id from then on).
 
@@ -184,7 +199,7 @@ def forced_tokens(model, ids: list[int]) -> Iterator[None]:
         handle.remove()
 
 
-def suppress_eot(model, eot_id: int, delay_s: float = 0.0) -> dict:
+def _suppress_eot(model, eot_id: int, delay_s: float = 0.0) -> dict:
     """Hook the model so it never ends its turn (and sleeps `delay_s` per forward); returns a dict whose
     "forwards" counts its forwards. Cached and uncached runs see the same change, so they stay comparable."""
     counter = {"forwards": 0}
@@ -200,6 +215,18 @@ def suppress_eot(model, eot_id: int, delay_s: float = 0.0) -> dict:
     return counter
 
 
+@pytest.fixture(scope="session")
+def forced_tokens():
+    """`with forced_tokens(model, ids):` the model's outputs follow `ids` (see `_forced_tokens`)."""
+    return _forced_tokens
+
+
+@pytest.fixture(scope="session")
+def suppress_eot():
+    """`suppress_eot(model, eot_id, delay_s=0.0)`: the model never ends its turn (see `_suppress_eot`)."""
+    return _suppress_eot
+
+
 # --- live servers -----------------------------------------------------------------------------------
 
 def free_port() -> int:
@@ -209,7 +236,7 @@ def free_port() -> int:
 
 
 @contextmanager
-def live_server(app) -> Iterator[str]:
+def _live_server(app) -> Iterator[str]:
     """Run `app` under uvicorn on 127.0.0.1 in a thread; yields its base URL."""
     import uvicorn
 
@@ -229,12 +256,18 @@ def live_server(app) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def live_server():
+    """`with live_server(app) as url:` runs `app` under uvicorn for the block."""
+    return _live_server
+
+
+@pytest.fixture(scope="session")
 def server_url(tiny_model) -> Iterator[str]:
     """A live server around the tiny model, shared by the HTTP and browser tests."""
     from pocketlm.serve.app import create_app
 
     model, tok = tiny_model
-    with live_server(create_app(model, tok, model_id="tiny")) as url:
+    with _live_server(create_app(model, tok, model_id="tiny")) as url:
         yield url
 
 
@@ -247,9 +280,106 @@ def slow_server(tiny_model) -> Iterator[tuple[str, dict]]:
 
     model, tok = tiny_model
     slow = copy.deepcopy(model)
-    counter = suppress_eot(slow, tok.eot_id, delay_s=0.03)
-    with live_server(create_app(slow, tok, model_id="tiny-slow")) as url:
+    counter = _suppress_eot(slow, tok.eot_id, delay_s=0.03)
+    with _live_server(create_app(slow, tok, model_id="tiny-slow")) as url:
         yield url, counter
+
+
+@pytest.fixture(scope="session")
+def metered_server(tiny_model):
+    """`with metered_server(max_active=64) as (url, app, permits, started):` a server whose model never
+    ends its turn and runs each forward only on a permit from the test, so tests wait on events, not on
+    timing. `permits` is a semaphore (release(n) lets n forwards run), `started` is set when the first
+    forward is asked for; `app.state.forwards["forwards"]` counts the forwards."""
+    from pocketlm.serve.app import create_app
+
+    @contextmanager
+    def serve(max_active: int = 64) -> Iterator[tuple]:
+        model, tok = tiny_model
+        metered = copy.deepcopy(model)
+        counter = _suppress_eot(metered, tok.eot_id)
+        permits, started = threading.Semaphore(0), threading.Event()
+
+        def take_permit(_module, _args):
+            started.set()
+            assert permits.acquire(timeout=60), "the test never let this forward run"
+
+        metered.register_forward_pre_hook(take_permit)
+        app = create_app(metered, tok, max_active=max_active)
+        app.state.forwards = counter
+        with _live_server(app) as url:
+            try:
+                yield url, app, permits, started
+            finally:
+                permits.release(10**6)  # let any generation still waiting run out
+
+    return serve
+
+
+def _sse(response, limit: int = 1000) -> Iterator[tuple[str, dict]]:
+    """(event, data) pairs of an SSE response; at most `limit` events."""
+    event = None
+    n = 0
+    for line in response.iter_lines():
+        if line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            yield event, json.loads(line[5:].strip())
+            n += 1
+            if n >= limit:
+                return
+
+
+@pytest.fixture(scope="session")
+def sse():
+    """`sse(response, limit=1000)`: the (event, data) pairs of an httpx SSE response."""
+    return _sse
+
+
+@pytest.fixture(scope="session")
+def inspect():
+    """`inspect(url, body)`: all (event, data) pairs of one /api/inspect stream (asserts a 200)."""
+    import httpx
+
+    def run(url: str, body: dict) -> list[tuple[str, dict]]:
+        with httpx.stream("POST", f"{url}/api/inspect", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            return list(_sse(r))
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def complete():
+    """`complete(url, seed)`: content, finish reason and logprobs of one sampled chat completion."""
+    import httpx
+
+    def run(url: str, seed: int) -> dict:
+        body = {"messages": [{"role": "user", "content": f"Tell me about number {seed}."}], "max_tokens": 24,
+                "temperature": 1.0, "seed": seed, "logprobs": True}
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+        assert r.status_code == 200
+        choice = r.json()["choices"][0]
+        return {"content": choice["message"]["content"], "finish": choice["finish_reason"],
+                "logprobs": [c["logprob"] for c in choice["logprobs"]["content"]]}
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def wait_idle():
+    """`wait_idle(url)`: /api/info once no generation is running (10 s at most)."""
+    import httpx
+
+    def run(url: str) -> dict:
+        for _ in range(200):  # 10 s at most
+            info = httpx.get(f"{url}/api/info", timeout=10).json()
+            if info["active"] == 0:
+                return info
+            time.sleep(0.05)
+        raise AssertionError(f"generations still running: {info}")
+
+    return run
 
 
 @pytest.fixture(scope="session")
@@ -268,3 +398,61 @@ def mps_rules():
 
     with MPSRules() as rules:
         yield rules
+
+
+# --- export clients ---------------------------------------------------------------------------------
+
+# CI installs every client (`pip install -e '.[test,llama]'`) and sets this, so a client that is missing
+# or fails to import there is a failure, not a skip.
+REQUIRE_EXPORT_CLIENTS = "POCKETLM_REQUIRE_EXPORT_CLIENTS"
+REPLY_TOKENS = 24
+
+
+@pytest.fixture(scope="session")
+def export_chats() -> list[list[dict]]:
+    """Three chats, from plain text: the first is the 3-turn conversation (system, user, assistant, user)."""
+    return [
+        [{"role": "system", "content": "You are a helpful assistant."},
+         {"role": "user", "content": "What is the capital of France?"},
+         {"role": "assistant", "content": "The capital of France is Paris."},
+         {"role": "user", "content": "Tell me one thing about it!"}],
+        [{"role": "user", "content": "Who are you?"}],
+        [{"role": "user", "content": "Give three tips for staying healthy, and explain why (briefly)."}],
+    ]
+
+
+@pytest.fixture(scope="session")
+def reply_tokens() -> int:
+    """How many tokens the export tests let each reply run."""
+    return REPLY_TOKENS
+
+
+@pytest.fixture(scope="session")
+def need_client() -> Callable[[str, str], ModuleType]:
+    """`need_client(module, why)`: import a client, or skip with a precise reason (fail under
+    POCKETLM_REQUIRE_EXPORT_CLIENTS=1)."""
+    def need(module: str, why: str) -> ModuleType:
+        try:
+            return importlib.import_module(module)
+        except Exception as e:  # an import that fails for any reason (missing, broken build) is reported
+            message = f"{module} cannot be imported ({type(e).__name__}: {e}); {why}"
+            if os.environ.get(REQUIRE_EXPORT_CLIENTS) == "1":
+                pytest.fail(message)
+            pytest.skip(message)
+
+    return need
+
+
+@pytest.fixture(scope="session")
+def pocketlm_reply():
+    """`pocketlm_reply(model, tok, messages, n=REPLY_TOKENS)`: (prompt ids, greedy reply ids) as pocketlm
+    makes them; the reply ends with <|eot|> if it stops."""
+    from pocketlm.infer.generate import generate
+    from pocketlm.infer.sampling import GenConfig
+    from pocketlm.tokenizer.chat_template import format_chat_tokens
+
+    def reply(model, tok, messages: list[dict], n: int = REPLY_TOKENS) -> tuple[list[int], list[int]]:
+        prompt = format_chat_tokens(tok, messages)
+        return prompt, [s.id for s in generate(model, tok, prompt, GenConfig(max_new_tokens=n, temperature=0.0))]
+
+    return reply

@@ -13,9 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import live_server, suppress_eot
 from pocketlm.serve.app import create_app
-from test_serve import metered_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
@@ -200,7 +198,7 @@ def test_defaults_follow_the_server_and_first_send_works(server_url):
 
 
 @pytest.fixture(scope="module")
-def chatty_server(tiny_model):
+def chatty_server(tiny_model, live_server, suppress_eot):
     """A server whose model never ends its turn: every reply runs to max_tokens, so chats grow fast."""
     model, tok = tiny_model
     chatty = copy.deepcopy(model)
@@ -242,10 +240,10 @@ def test_long_chat_drops_oldest_turns_and_never_keeps_a_failed_one(chatty_server
         assert page.errors[:1] == [] or all(e.startswith("400 ") for e in page.errors)
 
 
-def test_new_chat_stops_the_running_generation(tiny_model):
+def test_new_chat_stops_the_running_generation(metered_server):
     from playwright.sync_api import expect
 
-    with metered_server(tiny_model) as (url, app, permits, _), chromium() as browser:
+    with metered_server() as (url, app, permits, _), chromium() as browser:
         page = open_page(browser, url)
         permits.release(4)  # the prefill and three more tokens; then the generation waits, still running
         page.fill("#prompt", "Tell me about rivers.")

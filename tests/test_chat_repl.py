@@ -6,7 +6,6 @@ import io
 
 import pytest
 
-from conftest import forced_tokens
 from pocketlm import PocketLMError
 from pocketlm.cli import main
 from pocketlm.infer.chat import ChatSession
@@ -15,7 +14,7 @@ from pocketlm.infer.sampling import GenConfig
 HISTORY = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": " Hi there."}]
 
 
-def test_too_long_message_keeps_the_history(tiny_model):
+def test_too_long_message_keeps_the_history(tiny_model, forced_tokens):
     model, tok = tiny_model
     session = ChatSession(model, tok, GenConfig(max_new_tokens=16))
     session.turns = list(HISTORY)

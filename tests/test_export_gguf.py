@@ -5,11 +5,11 @@ generates pocketlm's greedy reply (f32); f16 and q8_0 report how far their repli
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 
-from export_clients import CHATS, REPLY_TOKENS, need_client, pocketlm_reply
 from pocketlm import PocketLMError
 from pocketlm.cli import main
 from pocketlm.model.gguf_export import export_gguf
@@ -25,12 +25,10 @@ EDGE_STRINGS = [
 ]
 
 
-def fixture_corpus(data: Path) -> list[str]:
-    """The text the test tokenizer is trained on (tests/conftest.py), as strings: documents, dolly fields,
-    the book's paragraphs."""
-    from conftest import _small_corpus
-
-    return [p for doc in _small_corpus(data) for p in (doc.split("\n\n") if len(doc) > 100_000 else [doc]) if p]
+def fixture_corpus(docs: Iterable[str]) -> list[str]:
+    """The text the test tokenizer is trained on (`small_corpus` in tests/conftest.py), as strings:
+    documents, dolly fields, the book's paragraphs."""
+    return [p for doc in docs for p in (doc.split("\n\n") if len(doc) > 100_000 else [doc]) if p]
 
 
 def held_out_corpus(data: Path) -> list[str]:
@@ -51,7 +49,7 @@ def held_out_corpus(data: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def llama_cpp():
+def llama_cpp(need_client):
     return need_client("llama_cpp", "build llama-cpp-python from its PyPI source package "
                                     "(pip install -e '.[llama]', as .ci/run does)")
 
@@ -66,7 +64,7 @@ def _load(llama_cpp, path: Path):
     return llama_cpp.Llama(model_path=str(path), n_ctx=0, n_threads=1, n_batch=128, seed=0, verbose=False)
 
 
-def _greedy(llm, prompt: list[int], eot: int, n: int = REPLY_TOKENS) -> list[int]:
+def _greedy(llm, prompt: list[int], eot: int, n: int) -> list[int]:
     out: list[int] = []
     for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
         out.append(int(token))
@@ -95,10 +93,11 @@ def _agreement(llm, tok, corpus: list[str], name: str) -> float:
     return agree
 
 
-def test_llama_cpp_tokenizes_the_fixture_corpus_as_pocketlm(llama_cpp, gguf_files, tiny_ckpt: Path, data_dir: Path):
+def test_llama_cpp_tokenizes_the_fixture_corpus_as_pocketlm(llama_cpp, gguf_files, tiny_ckpt: Path, data_dir: Path,
+                                                            small_corpus):
     _, tok, _ = load_model(tiny_ckpt)
     llm = _load(llama_cpp, gguf_files["f32"])
-    assert _agreement(llm, tok, fixture_corpus(data_dir), "fixture corpus") >= 0.99
+    assert _agreement(llm, tok, fixture_corpus(small_corpus(data_dir)), "fixture corpus") >= 0.99
     # A tokenizer trained before every printable ASCII character was a piece has some only as byte
     # pieces; the export declares those as pieces of llama.cpp's, so ASCII text never misses.
     text = "Who are you? Hi!!! ~`^ {x} @y \\z"
@@ -144,7 +143,8 @@ def test_ascii_byte_pieces_of_an_older_tokenizer(llama_cpp, shared_data: Path, t
     assert llm.detokenize(tok.encode(text)) == text.encode()
 
 
-def test_llama_cpp_chats_from_text_as_pocketlm(llama_cpp, gguf_files, tiny_ckpt: Path):
+def test_llama_cpp_chats_from_text_as_pocketlm(llama_cpp, gguf_files, tiny_ckpt: Path, export_chats, pocketlm_reply,
+                                               reply_tokens):
     """f32: the embedded template gives pocketlm's prompt ids and greedy decoding gives its reply."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -153,19 +153,20 @@ def test_llama_cpp_chats_from_text_as_pocketlm(llama_cpp, gguf_files, tiny_ckpt:
     assert llm.metadata["tokenizer.ggml.model"] == "t5"
     assert llm.token_eos() == tok.eot_id and llm.metadata["tokenizer.ggml.eot_token_id"] == str(tok.eot_id)
     template = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token="<|eot|>", bos_token="")
-    for chat in CHATS:
+    for chat in export_chats:
         prompt, reply = pocketlm_reply(model, tok, chat)
         text = template(messages=chat).prompt
         assert llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) == prompt
-        assert _greedy(llm, prompt, tok.eot_id) == reply
+        assert _greedy(llm, prompt, tok.eot_id, reply_tokens) == reply
     # The README's line: a chat completion from the messages, greedy, through the embedded template.
-    chat = CHATS[1]
+    chat = export_chats[1]
     expected = tok.decode(pocketlm_reply(model, tok, chat)[1], skip_special=True)
-    answer = llm.create_chat_completion(chat, temperature=0.0, max_tokens=REPLY_TOKENS)
+    answer = llm.create_chat_completion(chat, temperature=0.0, max_tokens=reply_tokens)
     assert answer["choices"][0]["message"]["content"] == expected
 
 
-def test_llama_cpp_f16_and_q8_0_agreement(llama_cpp, gguf_files, tiny_ckpt: Path):
+def test_llama_cpp_f16_and_q8_0_agreement(llama_cpp, gguf_files, tiny_ckpt: Path, export_chats, pocketlm_reply,
+                                          reply_tokens):
     """Smaller weights change the logits a little: report how many reply tokens still match pocketlm's."""
     model, tok, _ = load_model(tiny_ckpt)
     sizes = {dtype: path.stat().st_size for dtype, path in gguf_files.items()}
@@ -173,9 +174,9 @@ def test_llama_cpp_f16_and_q8_0_agreement(llama_cpp, gguf_files, tiny_ckpt: Path
     for dtype in ("f16", "q8_0"):
         llm = _load(llama_cpp, gguf_files[dtype])
         same = total = 0
-        for chat in CHATS:
+        for chat in export_chats:
             prompt, reply = pocketlm_reply(model, tok, chat)
-            got = _greedy(llm, prompt, tok.eot_id)
+            got = _greedy(llm, prompt, tok.eot_id, reply_tokens)
             prefix = next((i for i, (a, b) in enumerate(zip(got, reply)) if a != b), min(len(got), len(reply)))
             same, total = same + prefix, total + len(reply)
         print(f"\n{dtype}: {same}/{total} reply tokens agree with pocketlm before the first difference")

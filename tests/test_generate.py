@@ -14,7 +14,6 @@ from pocketlm.infer.detok import StreamDecoder
 from pocketlm.infer.config import StatsRequest
 from pocketlm.infer.generate import generate
 from pocketlm.infer.sampling import GenConfig
-from conftest import forced_tokens, suppress_eot
 
 PROMPT = ("Alice was beginning to get very tired of sitting by her sister on the bank, and of having "
           "nothing to do: once or twice she had peeped into the book her sister was reading")
@@ -36,7 +35,7 @@ def uncached_greedy(model, prompt: list[int], n: int, eot: int) -> tuple[list[in
 
 
 @pytest.fixture(scope="module")
-def endless_model(tiny_model):
+def endless_model(tiny_model, suppress_eot):
     """The tiny model with <|eot|> suppressed, so every run compares the full 64 tokens."""
     model, tok = tiny_model
     endless = copy.deepcopy(model)
@@ -57,7 +56,7 @@ def test_cached_greedy_equals_uncached(endless_model, n_prompt):
     assert [s.cache_len for s in steps] == list(range(n_prompt, n_prompt + 64))
 
 
-def test_eot_stops_at_once_and_never_shows(tiny_model):
+def test_eot_stops_at_once_and_never_shows(tiny_model, forced_tokens):
     model, tok = tiny_model
     with forced_tokens(model, [tok.eot_id]):
         gen = generate(model, tok, tok.encode("Hello"), GenConfig(max_new_tokens=50, temperature=1.0, seed=0))
@@ -67,7 +66,7 @@ def test_eot_stops_at_once_and_never_shows(tiny_model):
     assert steps[0].text == "" and steps[0].bytes == b""
 
 
-def test_stops_on_eot_after_forced_text(tiny_model):
+def test_stops_on_eot_after_forced_text(tiny_model, forced_tokens):
     model, tok = tiny_model
     word = tok.encode(" cats and dogs")
     with forced_tokens(model, word + [tok.eot_id]):
@@ -77,7 +76,7 @@ def test_stops_on_eot_after_forced_text(tiny_model):
     assert gen.finish_reason == "eot" and gen.n_tokens == len(word) + 1
 
 
-def test_split_utf8_arrives_as_bytes_never_replacement(tiny_model):
+def test_split_utf8_arrives_as_bytes_never_replacement(tiny_model, forced_tokens):
     model, tok = tiny_model
     s = "née 🙂 世界 ok"
     ids = tok.encode(s)
@@ -107,7 +106,7 @@ def test_stream_decoder_drops_stray_bytes(small_tokenizer):
     assert "".join(out) == "ab"
 
 
-def test_length_at_max_new_tokens_and_at_context_end(tiny_model):
+def test_length_at_max_new_tokens_and_at_context_end(tiny_model, forced_tokens):
     model, tok = tiny_model
     gen = generate(model, tok, tok.encode(PROMPT)[:5], GenConfig(max_new_tokens=3, temperature=0.0))
     assert len(list(gen)) == 3 and gen.finish_reason == "length"
@@ -123,7 +122,7 @@ def test_length_at_max_new_tokens_and_at_context_end(tiny_model):
         generate(model, tok, [5] * (block + 1), GenConfig())
 
 
-def test_cancel_stops_before_next_token(tiny_model):
+def test_cancel_stops_before_next_token(tiny_model, forced_tokens):
     model, tok = tiny_model
     cancel = threading.Event()
     seen = []

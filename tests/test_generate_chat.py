@@ -7,7 +7,6 @@ import threading
 
 import pytest
 
-from conftest import forced_tokens
 from pocketlm import PocketLMError
 from pocketlm.cli import main
 from pocketlm.infer.chat import ChatSession
@@ -15,7 +14,7 @@ from pocketlm.infer.sampling import GenConfig
 from pocketlm.tokenizer.chat_template import format_chat_tokens
 
 
-def test_history_goes_through_the_template(tiny_model):
+def test_history_goes_through_the_template(tiny_model, forced_tokens):
     model, tok = tiny_model
     session = ChatSession(model, tok, GenConfig(max_new_tokens=30), system="Be brief.")
     with forced_tokens(model, tok.encode(" Hi there.") + [tok.eot_id]):
@@ -42,7 +41,7 @@ def test_commands(tiny_model):
     assert session.command("/nope").startswith("unknown command /nope")
 
 
-def test_cancel_keeps_the_partial_reply(tiny_model):
+def test_cancel_keeps_the_partial_reply(tiny_model, forced_tokens):
     model, tok = tiny_model
     session = ChatSession(model, tok, GenConfig(max_new_tokens=50))
     cancel = threading.Event()

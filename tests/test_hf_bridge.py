@@ -16,7 +16,6 @@ from pocketlm.model.hf_bridge import export_hf, import_hf
 from pocketlm.model.io import load_model, save_model
 from pocketlm.tokenizer.chat_template import format_chat_tokens
 
-from export_clients import CHATS, REPLY_TOKENS, pocketlm_reply
 
 transformers = pytest.importorskip("transformers", reason="transformers is the parity oracle (test extra)")
 
@@ -151,21 +150,22 @@ def test_import_refuses_what_pocketlm_cannot_represent(small_tokenizer, tmp_path
         import_hf(src, tmp_path / "out")
 
 
-def test_chat_template_gives_pocketlm_ids_and_replies(tiny_ckpt: Path, tmp_path: Path):
+def test_chat_template_gives_pocketlm_ids_and_replies(tiny_ckpt: Path, tmp_path: Path, export_chats, pocketlm_reply,
+                                                      reply_tokens):
     """From plain text: transformers' chat template on a 3-turn conversation gives pocketlm's prompt ids,
     and greedy generation (as the README's transformers line runs it) gives pocketlm's reply."""
     model, tok, _ = load_model(tiny_ckpt)
     out = export_hf(tiny_ckpt, tmp_path / "hf")
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    for chat in CHATS:
+    for chat in export_chats:
         prompt, reply = pocketlm_reply(model, tok, chat)
         assert hf_tok.apply_chat_template(chat, add_generation_prompt=True, return_dict=False) == prompt
-        assert _hf_greedy(hf_model, prompt, REPLY_TOKENS) == reply
+        assert _hf_greedy(hf_model, prompt, reply_tokens) == reply
     # A conversation ending with the assistant's turn gets no generation prompt, as in pocketlm.
-    done = CHATS[0][:3]
+    done = export_chats[0][:3]
     assert hf_tok.apply_chat_template(done, add_generation_prompt=True, return_dict=False) == format_chat_tokens(tok, done)
     # The README's line: a text-generation pipeline given the messages.
     pipe = transformers.pipeline("text-generation", model=str(out))
-    text = pipe(CHATS[1], max_new_tokens=REPLY_TOKENS, do_sample=False)[0]["generated_text"][-1]["content"]
-    assert text == tok.decode(pocketlm_reply(model, tok, CHATS[1])[1], skip_special=True)
+    text = pipe(export_chats[1], max_new_tokens=reply_tokens, do_sample=False)[0]["generated_text"][-1]["content"]
+    assert text == tok.decode(pocketlm_reply(model, tok, export_chats[1])[1], skip_special=True)

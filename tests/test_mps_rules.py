@@ -15,7 +15,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import live_server
 from pocketlm.cache.build_cache import build_cache
 from pocketlm.cache.dataset import PretrainData
 from pocketlm.device import DeviceLock, is_mps
@@ -207,7 +206,7 @@ def _complete(url: str, seed: int) -> dict:
     return r.json()["choices"][0]["message"]["content"]
 
 
-def test_two_concurrent_server_requests(mps_rules, tiny_model):
+def test_two_concurrent_server_requests(mps_rules, tiny_model, live_server):
     from pocketlm.serve.app import create_app
 
     model, tok = tiny_model

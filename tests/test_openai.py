@@ -7,7 +7,6 @@ import copy
 import pytest
 from openai import OpenAI
 
-from conftest import forced_tokens, live_server
 from pocketlm.infer.config import StatsRequest
 from pocketlm.infer.generate import generate
 from pocketlm.infer.sampling import GenConfig
@@ -58,7 +57,7 @@ def test_streaming_equals_non_streaming(client):
     assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
 
 
-def test_eot_gives_finish_reason_stop_and_no_eot_text(tiny_model):
+def test_eot_gives_finish_reason_stop_and_no_eot_text(tiny_model, forced_tokens, live_server):
     model, tok = tiny_model
     forced = copy.deepcopy(model)
     with forced_tokens(forced, tok.encode(" Yes.") + [tok.eot_id]), live_server(create_app(forced, tok)) as url:

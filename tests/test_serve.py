@@ -6,40 +6,16 @@ import concurrent.futures
 import copy
 import json
 import math
-import threading
-import time
-from contextlib import contextmanager
 
 import httpx
 import pytest
 import torch
 
-from conftest import live_server, suppress_eot
 from pocketlm.cli import main
 from pocketlm.serve.app import create_app
 
 
-def sse(response: httpx.Response, limit: int = 1000):
-    """(event, data) pairs of an SSE response; at most `limit` events."""
-    event = None
-    n = 0
-    for line in response.iter_lines():
-        if line.startswith("event:"):
-            event = line[6:].strip()
-        elif line.startswith("data:"):
-            yield event, json.loads(line[5:].strip())
-            n += 1
-            if n >= limit:
-                return
-
-
-def inspect(url: str, body: dict) -> list[tuple[str, dict]]:
-    with httpx.stream("POST", f"{url}/api/inspect", json=body, timeout=60) as r:
-        assert r.status_code == 200
-        return list(sse(r))
-
-
-def test_inspect_stream_schema_and_values(server_url, tiny_model):
+def test_inspect_stream_schema_and_values(server_url, tiny_model, inspect):
     model, tok = tiny_model
     events = inspect(server_url, {"messages": [{"role": "user", "content": "Name three colours."}],
                                   "max_tokens": 20, "temperature": 0.9, "seed": 4, "top_alternatives": 5,
@@ -72,7 +48,7 @@ def test_inspect_stream_schema_and_values(server_url, tiny_model):
     assert done["text"] == "".join(t["text"] for t in visible) == tok.decode([t["id"] for t in visible])
 
 
-def test_inspect_raw_prompt_without_signals(server_url):
+def test_inspect_raw_prompt_without_signals(server_url, inspect):
     events = inspect(server_url, {"prompt": "Once upon a time", "max_tokens": 4, "temperature": 0})
     tokens = [d for e, d in events if e == "token"]
     assert len(tokens) == 4 and events[-1][1]["finish_reason"] == "length"
@@ -113,21 +89,11 @@ def test_cancel_unknown_request_is_404(server_url):
     assert r.status_code == 404 and r.json()["error"]["param"] == "job_id"
 
 
-def _complete(url: str, seed: int) -> dict:
-    body = {"messages": [{"role": "user", "content": f"Tell me about number {seed}."}], "max_tokens": 24,
-            "temperature": 1.0, "seed": seed, "logprobs": True}
-    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
-    assert r.status_code == 200
-    choice = r.json()["choices"][0]
-    return {"content": choice["message"]["content"], "finish": choice["finish_reason"],
-            "logprobs": [c["logprob"] for c in choice["logprobs"]["content"]]}
-
-
-def test_concurrent_requests_match_sequential(server_url):
+def test_concurrent_requests_match_sequential(server_url, complete):
     seeds = list(range(100, 116))
-    one_by_one = [_complete(server_url, s) for s in seeds]
+    one_by_one = [complete(server_url, s) for s in seeds]
     with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
-        together = list(pool.map(lambda s: _complete(server_url, s), seeds))
+        together = list(pool.map(lambda s: complete(server_url, s), seeds))
     assert [r["content"] for r in together] == [r["content"] for r in one_by_one]
     assert [r["finish"] for r in together] == [r["finish"] for r in one_by_one]
     for a, b in zip(together, one_by_one):
@@ -135,46 +101,13 @@ def test_concurrent_requests_match_sequential(server_url):
     assert len({r["content"] for r in one_by_one}) > 8  # different seeds really gave different replies
 
 
-def _wait_idle(url: str) -> dict:
-    for _ in range(200):  # 10 s at most
-        info = httpx.get(f"{url}/api/info", timeout=10).json()
-        if info["active"] == 0:
-            return info
-        time.sleep(0.05)
-    raise AssertionError(f"generations still running: {info}")
-
-
-@contextmanager
-def metered_server(tiny_model, max_active: int = 64):
-    """A server whose model never ends its turn and runs each forward only on a permit from the test,
-    so tests wait on events, not on timing. Yields (url, app, permits, started): `permits` is a
-    semaphore (release(n) lets n forwards run), `started` is set when the first forward is asked for."""
-    model, tok = tiny_model
-    metered = copy.deepcopy(model)
-    counter = suppress_eot(metered, tok.eot_id)
-    permits, started = threading.Semaphore(0), threading.Event()
-
-    def take_permit(_module, _args):
-        started.set()
-        assert permits.acquire(timeout=60), "the test never let this forward run"
-
-    metered.register_forward_pre_hook(take_permit)
-    app = create_app(metered, tok, max_active=max_active)
-    app.state.forwards = counter
-    with live_server(app) as url:
-        try:
-            yield url, app, permits, started
-        finally:
-            permits.release(10**6)  # let any generation still waiting run out
-
-
 def _only_job(app):
     (job,) = app.state.engine.jobs.values()
     return job
 
 
-def test_client_disconnect_stops_generation(tiny_model):
-    with metered_server(tiny_model) as (url, app, permits, _):
+def test_client_disconnect_stops_generation(metered_server, sse, wait_idle):
+    with metered_server() as (url, app, permits, _):
         permits.release(4)  # the prefill and three decode steps
         with httpx.stream("POST", f"{url}/api/inspect", json={"prompt": "The river", "max_tokens": 100},
                           timeout=30) as r:
@@ -183,14 +116,14 @@ def test_client_disconnect_stops_generation(tiny_model):
         assert got == ["prefill", "token", "token", "token", "token"]
         assert job.cancel.wait(30)  # the server saw the client leave
         permits.release(10**6)
-        info = _wait_idle(url)
+        info = wait_idle(url)
         assert info["finished"] == {"cancelled": 1}
         # Stopped at the latest after the forward that may already have been waiting for its permit.
         assert app.state.forwards["forwards"] in (4, 5)
 
 
-def test_cancel_endpoint_ends_stream_with_cancelled(tiny_model):
-    with metered_server(tiny_model) as (url, _, permits, _):
+def test_cancel_endpoint_ends_stream_with_cancelled(metered_server, sse):
+    with metered_server() as (url, _, permits, _):
         permits.release(1)  # the prefill
         with httpx.stream("POST", f"{url}/api/inspect", json={"prompt": "The river", "max_tokens": 100},
                           timeout=30) as r:
@@ -205,8 +138,8 @@ def test_cancel_endpoint_ends_stream_with_cancelled(tiny_model):
     assert events[-1][1]["new_tokens"] in (1, 2)
 
 
-def test_too_many_generations_get_429(tiny_model):
-    with metered_server(tiny_model, max_active=1) as (url, _, permits, _):
+def test_too_many_generations_get_429(metered_server, sse, wait_idle):
+    with metered_server(max_active=1) as (url, _, permits, _):
         permits.release(1)
         with httpx.stream("POST", f"{url}/api/inspect", json={"prompt": "The river", "max_tokens": 60},
                           timeout=30) as r:
@@ -215,11 +148,11 @@ def test_too_many_generations_get_429(tiny_model):
                                 json={"messages": [{"role": "user", "content": "hi"}]})
         assert second.status_code == 429 and second.json()["error"]["type"] == "rate_limit_error"
         permits.release(10**6)
-        _wait_idle(url)
+        wait_idle(url)
         assert httpx.post(f"{url}/api/inspect", json={"prompt": "The", "max_tokens": 2}, timeout=30).status_code == 200
 
 
-def test_failing_generation_sends_error_event(tiny_model):
+def test_failing_generation_sends_error_event(tiny_model, live_server, inspect):
     model, tok = tiny_model
     broken = copy.deepcopy(model)
 

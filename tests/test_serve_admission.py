@@ -11,10 +11,8 @@ from collections import Counter
 import httpx
 import pytest
 
-from conftest import live_server, suppress_eot
 from pocketlm.serve.app import create_app
 from pocketlm.tokenizer.chat_template import format_chat_tokens
-from test_serve import _wait_idle, inspect, metered_server
 
 
 def _post_bytes(path: str, body: dict) -> bytes:
@@ -32,9 +30,9 @@ def _status(s: socket.socket) -> int:
     return int(line.split()[1])
 
 
-def test_burst_admits_exactly_max_active(tiny_model):
+def test_burst_admits_exactly_max_active(metered_server, wait_idle):
     """32 streams at once against --max-active 2: exactly 2 run, 30 get a 429 without waiting."""
-    with metered_server(tiny_model, max_active=2) as (url, _, permits, _):
+    with metered_server(max_active=2) as (url, _, permits, _):
         port = int(url.rsplit(":", 1)[1])
         socks = [socket.create_connection(("127.0.0.1", port), timeout=60) for _ in range(32)]
         try:
@@ -51,11 +49,11 @@ def test_burst_admits_exactly_max_active(tiny_model):
             permits.release(10**6)
         assert statuses == {200: 2, 429: 30}
         assert info["active"] == 2
-        assert _wait_idle(url)["active"] == 0
+        assert wait_idle(url)["active"] == 0
 
 
-def test_non_streaming_client_that_leaves_stops_its_generation(tiny_model):
-    with metered_server(tiny_model, max_active=1) as (url, app, permits, started):
+def test_non_streaming_client_that_leaves_stops_its_generation(metered_server, wait_idle):
+    with metered_server(max_active=1) as (url, app, permits, started):
         port = int(url.rsplit(":", 1)[1])
         body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 100}
         with socket.create_connection(("127.0.0.1", port)) as s:
@@ -64,7 +62,7 @@ def test_non_streaming_client_that_leaves_stops_its_generation(tiny_model):
             job = next(iter(app.state.engine.jobs.values()))
         assert job.cancel.wait(30)  # the server saw the client leave
         permits.release(10**6)
-        info = _wait_idle(url)
+        info = wait_idle(url)
         assert info["finished"] == {"cancelled": 1}
         assert app.state.forwards["forwards"] == 1  # the prefill that was already waiting; nothing after it
         # Its slot is free again (max_active is 1).
@@ -98,7 +96,7 @@ def test_tiny_temperature_or_top_p_is_greedy_not_a_500(server_url, setting):
     assert tiny.json()["choices"][0]["message"] == greedy.json()["choices"][0]["message"]
 
 
-def test_failure_inside_a_chat_stream_ends_with_error_chunk_and_done(tiny_model):
+def test_failure_inside_a_chat_stream_ends_with_error_chunk_and_done(tiny_model, live_server, suppress_eot, wait_idle):
     model, tok = tiny_model
     broken = copy.deepcopy(model)
     suppress_eot(broken, tok.eot_id)  # a reply that ended at its first token would never reach a decode step
@@ -113,7 +111,7 @@ def test_failure_inside_a_chat_stream_ends_with_error_chunk_and_done(tiny_model)
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as r:
             data = [line[5:].strip() for line in r.iter_lines() if line.startswith("data:")]
         plain = httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": False}, timeout=30)
-        assert _wait_idle(url)["active"] == 0
+        assert wait_idle(url)["active"] == 0
     assert data[-1] == "[DONE]"
     err = json.loads(data[-2])["error"]
     assert err["message"] == "RuntimeError: boom" and err["type"] == "server_error"
@@ -121,7 +119,7 @@ def test_failure_inside_a_chat_stream_ends_with_error_chunk_and_done(tiny_model)
     assert plain.status_code == 500 and plain.json()["error"]["type"] == "server_error"
 
 
-def test_trailing_assistant_message_is_continued(server_url, tiny_model):
+def test_trailing_assistant_message_is_continued(server_url, tiny_model, inspect):
     _, tok = tiny_model
     messages = [{"role": "user", "content": "Name a river."}, {"role": "assistant", "content": "The longest river is"}]
     events = inspect(server_url, {"messages": messages, "max_tokens": 3, "temperature": 0})
@@ -133,7 +131,7 @@ def test_trailing_assistant_message_is_continued(server_url, tiny_model):
     assert r.json()["usage"]["prompt_tokens"] == len(prompt)
 
 
-def test_fit_context_drops_oldest_turns(server_url, tiny_model):
+def test_fit_context_drops_oldest_turns(server_url, tiny_model, inspect):
     model, _ = tiny_model
     words = "one two three four five six seven eight nine ten " * 2
     messages = [{"role": "system", "content": "Be brief."}]

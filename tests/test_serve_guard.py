@@ -9,9 +9,7 @@ import threading
 import httpx
 import pytest
 
-from conftest import live_server
 from pocketlm.serve.app import STATIC, create_app
-from test_serve import metered_server
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 
@@ -27,7 +25,7 @@ def test_foreign_host_is_refused(server_url):
     assert r.status_code == 400
 
 
-def test_allowed_hosts_come_from_host_and_allow_list(tiny_model):
+def test_allowed_hosts_come_from_host_and_allow_list(tiny_model, live_server):
     from pocketlm.serve.guard import LOOPBACK_HOSTS, GuardConfig, allowed_hosts
 
     assert allowed_hosts("0.0.0.0", []) == LOOPBACK_HOSTS
@@ -39,8 +37,8 @@ def test_allowed_hosts_come_from_host_and_allow_list(tiny_model):
         assert httpx.get(f"{url}/api/info", headers={"host": "other.local"}, timeout=10).status_code == 400
 
 
-def test_cross_origin_requests_cannot_change_state(tiny_model):
-    with metered_server(tiny_model) as (url, _, permits, _):
+def test_cross_origin_requests_cannot_change_state(metered_server):
+    with metered_server() as (url, _, permits, _):
         permits.release(1)  # the prefill; the generation then waits, still running
         with httpx.stream("POST", f"{url}/api/inspect", json={"prompt": "The river", "max_tokens": 60},
                           timeout=30) as r:
@@ -80,7 +78,7 @@ def test_nothing_is_loaded_from_outside_the_machine(server_url):
         assert not urls, urls
 
 
-def test_body_over_the_limit_is_413_naming_the_limit(tiny_model):
+def test_body_over_the_limit_is_413_naming_the_limit(tiny_model, live_server):
     from pocketlm.serve.guard import GuardConfig
 
     model, tok = tiny_model
@@ -116,7 +114,7 @@ class BlockingTokenizer:
         return self._tok.encode(text, *args, **kwargs)
 
 
-def test_tokenizing_does_not_block_other_requests(tiny_model):
+def test_tokenizing_does_not_block_other_requests(tiny_model, live_server):
     model, tok = tiny_model
     blocking = BlockingTokenizer(tok)
     with live_server(create_app(model, blocking)) as url:

@@ -11,9 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import live_server
 from pocketlm.serve.app import create_app
-from test_serve import _complete, _wait_idle
 
 STREAMS = 64
 
@@ -53,14 +51,15 @@ async def burst(url: str) -> list[tuple[int, int]]:
         return await asyncio.gather(*(one_stream(client, i) for i in range(STREAMS)))
 
 
-def test_64_streams_with_disconnects_leave_nothing_behind(tiny_model, record_property):
+def test_64_streams_with_disconnects_leave_nothing_behind(tiny_model, record_property, live_server, complete,
+                                                          wait_idle):
     model, tok = tiny_model
     with live_server(create_app(model, tok, max_active=STREAMS)) as url:
-        unloaded = _complete(url, 7)
+        unloaded = complete(url, 7)
         rss_before = rss_mib()
         results = asyncio.run(burst(url))
-        info = _wait_idle(url)
-        loaded = _complete(url, 7)
+        info = wait_idle(url)
+        loaded = complete(url, 7)
         rss_after = rss_mib()
     assert [s for s, _ in results] == [200] * STREAMS
     assert info["active"] == 0 and sum(info["finished"].values()) >= STREAMS
