@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--source", default="fineweb_edu", help="a document source (fineweb_edu reads fineweb_legal/)")
     ap.add_argument("--take", type=int, help="documents to encode (default: all of the source)")
     ap.add_argument("--tokenizer", help="tokenizer.model (default: train a 16k one on the documents first)")
-    ap.add_argument("--workers", type=int, default=os.cpu_count())
+    ap.add_argument("--workers", type=int, default=0, help="encoding threads (default: the build's own, 0)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=1,
                     help="feed the documents this many times (distinct ids), e.g. 6 for >= 100 MB of fineweb")
@@ -60,7 +60,7 @@ def main() -> None:
         sp = spm.SentencePieceProcessor(model_file=str(tok_path))
         out = Path(tmp) / "cache"
         # The build's main thread reads and writes beside the encoding threads: it counts as a core too.
-        cores = min(args.workers + 1, os.cpu_count() or 1)
+        cores = min(args.workers + 1, os.cpu_count() or 1) if args.workers else os.cpu_count() or 1
 
         def raw_bulk() -> int:
             return sum(len(ids) for ids in sp.encode(texts, return_type="numpy", num_threads=1))
@@ -93,12 +93,12 @@ def main() -> None:
     fast = max(("bulk", "per_doc"), key=rate.__getitem__)
     print(f"documents: {len(texts):,} ({n_bytes / 1e6:.1f} MB of text) from {spec}"
           f"{f' (x{args.repeat})' if args.repeat > 1 else ''}; cores: {os.cpu_count()}, "
-          f"build workers: {args.workers}; best of {args.rounds} rounds (wall s, CPU s)")
+          f"build workers: {args.workers or 'default'}; best of {args.rounds} rounds (wall s, CPU s)")
     _line("raw encode, 1 core, bulk (arrays)", best["bulk"], "tok")
     _line("raw encode, 1 core, per document", best["per_doc"], "tok")
     _line(f"raw encode, bulk on {cores} threads", best["parallel"], "tok")
     _line("reading the source alone", best["read"], "doc")
-    _line(f"cache build, {args.workers} worker(s)", best["build"], "tok")
+    _line(f"cache build, {args.workers or 'default'} worker(s)", best["build"], "tok")
     print(f"  (build tokens include {len(texts):,} <|eot|>; the build includes reading and writing)")
     for label, base in (("bulk", rate["bulk"]), ("per document", rate["per_doc"])):
         print(f"build / (raw {label} per core x {cores} cores) = {rate['build'] / (base * cores):.2f}")
