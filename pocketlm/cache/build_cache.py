@@ -141,7 +141,7 @@ def build_cache(tokenizer_path: str | Path, specs: Sequence[tuple[str, str]], ou
                 seed: int = CacheConfig.seed, data_dir: str | Path | None = None, *,
                 val_fraction: float = CacheConfig.val_fraction, workers: int = CacheConfig.workers,
                 shard_tokens: int = CacheConfig.shard_tokens, sft_mask: str = CacheConfig.sft_mask,
-                chunk_docs: int = 64, progress: bool = True) -> dict:
+                chunk_docs: int = 256, progress: bool = True) -> dict:
     """Write the cache for `specs` (each `("name:key=value,...", "pretrain" | "sft")`); returns meta.
 
     The build draws no random numbers (the val split hashes ids, so it is the same for every seed):
@@ -159,7 +159,9 @@ def build_cache(tokenizer_path: str | Path, specs: Sequence[tuple[str, str]], ou
     tok = Tokenizer.load(tokenizer_path)
     out_dir = Path(out_dir)
     dtype = shards.token_dtype(tok.vocab_size)
-    workers = workers or os.cpu_count() or 1
+    # One encoding thread more than cores: this thread's reading and writing hold the GIL in bursts,
+    # and with only one thread per core a core idles through them (measured in bench/cache_build.py).
+    workers = workers or (os.cpu_count() or 1) + 1
     _prepare_out_dir(out_dir, [spec.name for _, spec, _ in parsed])
     token_bytes = np.asarray(tok.token_byte_lengths(), dtype=np.int32)
     meta = {

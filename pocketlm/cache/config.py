@@ -20,6 +20,6 @@ class CacheConfig:
     data_dir: str | None = field(default=None, metadata={"help": "local data mirror (default: the hub)"})
     seed: int = field(default=0, metadata={"help": "default seed of the datasets read from this cache"})
     val_fraction: float = field(default=0.02, metadata={"help": "share of documents held out for validation"})
-    workers: int = field(default=0, metadata={"help": "tokenizer threads (0 = every core)"})
+    workers: int = field(default=0, metadata={"help": "tokenizer threads (0 = one per core, plus one)"})
     shard_tokens: int = field(default=1 << 24, metadata={"help": "tokens per shard before a new one starts"})
     sft_mask: str = field(default="assistant", metadata={"help": "sft loss on: assistant | all"})

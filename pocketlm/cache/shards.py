@@ -29,6 +29,7 @@ SPLITS = ("train", "val")
 IDX_DTYPE = np.dtype("<i8")
 MASK_DTYPE = np.dtype("u1")
 Verify = Literal["sha256", "size"]
+WRITE_TOKENS = 1 << 18  # ids buffered before a shard writer writes them out
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -49,24 +50,41 @@ class ShardWriter:
         self.shards: list[dict] = []
         self._open: tuple[str, AtomicFile, AtomicFile | None] | None = None
         self._offsets: list[int] = [0]
+        self._pending: list[tuple[np.ndarray, np.ndarray | None]] = []
+        self._pending_tokens = 0
 
     def add(self, ids: np.ndarray, mask: np.ndarray | None) -> None:
         if self._open is None:
             name = f"shard_{next(self.numbers):05d}"
             mask_file = AtomicFile(self.source_dir / f"{name}.mask") if self.with_mask else None
             self._open = (name, AtomicFile(self.source_dir / f"{name}.bin"), mask_file)
-        _, bin_file, mask_file = self._open
-        bin_file.write(ids.astype(self.dtype, copy=False).tobytes())
-        if mask_file is not None:
-            mask_file.write(mask.astype(MASK_DTYPE, copy=False).tobytes())
+        self._pending.append((ids, mask))
+        self._pending_tokens += len(ids)
         self._offsets.append(self._offsets[-1] + len(ids))
         if self._offsets[-1] >= self.max_tokens:
             self.close()
+        elif self._pending_tokens >= WRITE_TOKENS:
+            self._write_pending()
+
+    def _write_pending(self) -> None:
+        """One cast, write and hash update for many documents: per-document calls cost the build's
+        main thread more than the bytes do."""
+        if not self._pending:
+            return
+        assert self._open is not None
+        _, bin_file, mask_file = self._open
+        ids = np.concatenate([ids for ids, _ in self._pending], dtype=self.dtype, casting="unsafe")
+        bin_file.write(ids.tobytes())
+        if mask_file is not None:
+            mask = np.concatenate([m for _, m in self._pending], dtype=MASK_DTYPE, casting="unsafe")
+            mask_file.write(mask.tobytes())
+        self._pending, self._pending_tokens = [], 0
 
     def close(self) -> None:
         """Finish the open shard, if any (files renamed into place, entry added to `shards`)."""
         if self._open is None:
             return
+        self._write_pending()
         name, bin_file, mask_file = self._open
         files = {"bin": bin_file.close()}
         if mask_file is not None:
