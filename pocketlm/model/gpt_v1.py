@@ -145,8 +145,8 @@ class GPT(HookedModule):
                         device: torch.device) -> tuple[bool, Mask]:
         if cache is not None and cache.static:
             return False, cache.static_mask()
-        explicit = any(b.attn.explicit() for b in self.blocks)  # hooks on scores/pattern need a dense mask
-        if doc_ids is not None and self.flex_attention and not explicit:
+        # Hooks on scores/pattern need a dense mask; asked only when flex attention is on (not per decode step).
+        if doc_ids is not None and self.flex_attention and not any(b.attn.explicit() for b in self.blocks):
             return False, doc_block_mask(doc_ids)
         return _attention_mask(S, start, doc_ids, cache is not None, device)
 
