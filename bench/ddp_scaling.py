@@ -88,7 +88,8 @@ def needs_ddp_only(variant: str) -> bool:
 def device_info(extra: list[str]) -> dict:
     import torch
 
-    from pocketlm.train.precision import device_name, pick_device
+    from pocketlm.device import pick_device
+    from pocketlm.train.precision import device_name
 
     device = pick_device(extra[extra.index("--device") + 1] if "--device" in extra else "auto")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)

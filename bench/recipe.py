@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pocketlm.cache.dataset import PretrainData
+from pocketlm.device import pick_device
 from pocketlm.model import GPT, GPTConfig
 from pocketlm.model.gpt_v1 import _attention_mask
 from pocketlm.model.hf_bridge import hf_config
@@ -50,7 +51,7 @@ from pocketlm.train.ddp import DistInfo
 from pocketlm.train.evaluate import evaluate
 from pocketlm.train.loop import train_step
 from pocketlm.train.muon import build_optimizer, set_lr
-from pocketlm.train.precision import Precision, device_name, pick_device, resolve_precision
+from pocketlm.train.precision import Precision, device_name, resolve_precision
 from pocketlm.train.pretrain import parse_mix
 from pocketlm.train.run import cache_tokenizer
 from pocketlm.train.schedule import lr_at
