@@ -12,14 +12,20 @@ runs the peer instead (plain causal attention over the row: HF has no packed-doc
     python bench/train_step.py --device cuda --modes fp16+math  # fp16 with attention stored as on MPS
     python bench/train_step.py --device cpu --micro-batch 4 --seq-len 256 --modes fp32 hf:fp32 --repeats 3
 
-CUDA peak is torch.cuda.max_memory_allocated; CPU peak is the growth of the process's peak RSS from
-just before the model is built (on macOS the peak cannot be reset: run one mode per process there).
+Peaks are bytes of live tensors, compared with the planner's `live` estimate (its `total` adds 10% for
+fragmentation). CUDA: torch.cuda.max_memory_allocated. CPU: the growth of the process's peak RSS from
+just before the model is built, with glibc's mmap threshold fixed at 128 KiB so that every tensor of
+that size or more is its own mapping, returned on free (by default glibc raises the threshold after
+the first large free and then keeps freed tensors resident in its heap: the same step measured
+195-226 MB over five runs, and 174 MB every time with the threshold fixed). On macOS the peak cannot
+be reset: run one mode per process there.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import resource
 import statistics
@@ -51,6 +57,13 @@ def synthetic_batch(B: int, T: int, V: int, docs_per_row: int, gen: torch.Genera
     doc_ids = (idx // doc_len).expand(B, T).contiguous()
     positions = (idx % doc_len).expand(B, T).contiguous()
     return {"x": x, "y": y, "positions": positions, "doc_ids": doc_ids}
+
+
+def fix_mmap_threshold() -> None:
+    """glibc: allocations of 128 KiB and more each get their own mapping, for the whole process."""
+    if sys.platform == "linux":
+        M_MMAP_THRESHOLD = -3
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 128 << 10)
 
 
 def _status_kb(field: str) -> int:
@@ -143,7 +156,8 @@ def run_mode(mode: str, cfg: GPTConfig, B: int, T: int, steps: int, device: torc
         torch.cuda.synchronize(device)
     dt = (time.perf_counter() - t0) / steps
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss() - rss0
-    pred = estimate(cfg, B, T, precision, "mps" if math_attention else device.type, checkpointing=False).total
+    pred = estimate(cfg, B, T, precision, "mps" if math_attention else device.type, checkpointing=False,
+                    compiled=compiled or "logits" in extras).live
     del model, opt, step_model
     return {"mode": mode, "micro_batch": B, "seq_len": T, "tok_per_s": B * T / dt, "ms_per_step": 1000 * dt,
             "peak_bytes": peak, "predicted_bytes": pred, "ratio": peak / pred, "loss": float(loss)}
@@ -168,6 +182,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cpu":
+        fix_mmap_threshold()
     overrides = {k: v for k in ("n_layer", "n_embd", "n_head", "vocab_size") if (v := getattr(args, k)) is not None}
     cfg = GPTConfig.v1(**overrides)
     B = args.micro_batch or plan(cfg, args.seq_len, "mps", 16 << 30, 65536).micro_batch

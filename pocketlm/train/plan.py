@@ -7,9 +7,15 @@ Peak training memory is predicted analytically (bytes):
               ((7·C + 4·F) fp32 without autocast), plus H·T when attention is materialised (MPS and
               CPU run masked attention through the math path);
               with checkpointing only each block's input (C fp32) plus one block's worth
-  logits      B·T·V at 16 bytes (fp32 logits, log-softmax output, two gradient buffers) + the autocast copy
+  loss        eager (MPS, CPU): the chunked loss of model/loss.py keeps at most CHUNK_TOKENS rows of
+              logits alive, at 12 bytes a row and vocabulary entry (fp32 logits, softmax, masked
+              softmax) + the autocast copy, and saves the hidden states' gradient (B·T·C fp32) and
+              the weight's (V·C fp32) for backward;
+              compiled (CUDA): B·T·V at 16 bytes (fp32 logits, log-softmax output, two gradient
+              buffers) + the autocast copy
   mask        B·T·T bytes (the per-document boolean attention mask)
-  overhead    ×1.1 on everything for allocator fragmentation
+  overhead    ×1.1 on everything for allocator fragmentation (`total`); `live` is the sum without it,
+              what torch.cuda.max_memory_allocated and a fixed-threshold glibc heap measure
 """
 
 from __future__ import annotations
@@ -20,9 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pocketlm import PocketLMError
 from pocketlm.device import auto_precision
+from pocketlm.model.accel import accelerated
 from pocketlm.model.config import GPTConfig
+from pocketlm.model.loss import CHUNK_TOKENS
 from pocketlm.train.config import TrainConfig
 
 ACT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -40,8 +50,14 @@ class MemoryEstimate:
     mask: int
 
     @property
+    def live(self) -> int:
+        """Bytes of tensors alive at the peak."""
+        return self.static + self.activations + self.logits + self.mask
+
+    @property
     def total(self) -> int:
-        return int(OVERHEAD * (self.static + self.activations + self.logits + self.mask))
+        """What the step needs from the device, fragmentation included."""
+        return int(OVERHEAD * self.live)
 
 
 def n_params(cfg: GPTConfig) -> int:
@@ -52,7 +68,10 @@ def n_params(cfg: GPTConfig) -> int:
 
 
 def estimate(cfg: GPTConfig, micro_batch: int, seq_len: int, precision: str, device: str,
-             checkpointing: bool) -> MemoryEstimate:
+             checkpointing: bool, compiled: bool | None = None) -> MemoryEstimate:
+    """`compiled` None: what training takes on `device` (compiled on CUDA unless POCKETLM_ACCEL=0)."""
+    if compiled is None:
+        compiled = accelerated(torch.device(device))
     C, F, L, H, V = cfg.n_embd, cfg.ffn_hidden, cfg.n_layer, cfg.n_head, cfg.vocab_size
     a = ACT_BYTES[precision]
     amp = precision != "fp32"
@@ -66,7 +85,10 @@ def estimate(cfg: GPTConfig, micro_batch: int, seq_len: int, precision: str, dev
         activations = tokens * (L * C * 4 + per_token_layer)
     else:
         activations = tokens * L * per_token_layer
-    logits = tokens * V * (16 + (a if amp else 0))
+    if compiled:
+        logits = tokens * V * (16 + (a if amp else 0))
+    else:
+        logits = min(tokens, CHUNK_TOKENS) * V * (12 + (a if amp else 0)) + tokens * C * 4 + V * C * 4
     return MemoryEstimate(static, activations, logits, micro_batch * seq_len * seq_len)
 
 
@@ -146,8 +168,6 @@ def _toml(v: Any) -> str:
 def metal_limit(device: str) -> int | None:
     """On a Mac with MPS planning for MPS: Metal's recommended working set, with what the driver already
     holds logged; None elsewhere (planning for a Mac from another machine uses --memory alone)."""
-    import torch
-
     if device != "mps" or not torch.backends.mps.is_available():
         return None
     limit, held = torch.mps.recommended_max_memory(), torch.mps.driver_allocated_memory()
