@@ -112,16 +112,11 @@ def hf_step(model, opt, batch: dict, prec: Precision, device: torch.device) -> t
     return loss.detach()
 
 
-def run_mode(mode: str, cfg: GPTConfig, B: int, T: int, steps: int, device: torch.device) -> dict:
+def make_step(mode: str, cfg: GPTConfig, B: int, T: int, device: torch.device):
+    """The model, optimizer and batch of one mode, and a function that runs one training step on them."""
     peer = mode.startswith("hf:")
     precision, *extras = mode.removeprefix("hf:").split("+")
     compiled, math_attention = "compile" in extras, "math" in extras
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    if device.type == "cpu":
-        warm_up_kernels(device)
-    rss0 = reset_peak_rss()
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
     if peer:
@@ -146,6 +141,19 @@ def run_mode(mode: str, cfg: GPTConfig, B: int, T: int, steps: int, device: torc
             if peer:
                 return hf_step(step_model, opt, batch, prec, device)
             return train_step(step_model, opt, [batch], prec, 1.0, device, DistInfo())[0]
+    return one_step
+
+
+def run_mode(mode: str, cfg: GPTConfig, B: int, T: int, steps: int, device: torch.device) -> dict:
+    precision, *extras = mode.removeprefix("hf:").split("+")
+    compiled, math_attention = "compile" in extras, "math" in extras
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    if device.type == "cpu":
+        warm_up_kernels(device)
+    rss0 = reset_peak_rss()
+    one_step = make_step(mode, cfg, B, T, device)
     for _ in range(2):  # warm-up: optimizer state allocation, compilation
         float(one_step())
     t0 = time.perf_counter()
@@ -158,7 +166,7 @@ def run_mode(mode: str, cfg: GPTConfig, B: int, T: int, steps: int, device: torc
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss() - rss0
     pred = estimate(cfg, B, T, precision, "mps" if math_attention else device.type, checkpointing=False,
                     compiled=compiled or "logits" in extras).live
-    del model, opt, step_model
+    del one_step
     return {"mode": mode, "micro_batch": B, "seq_len": T, "tok_per_s": B * T / dt, "ms_per_step": 1000 * dt,
             "peak_bytes": peak, "predicted_bytes": pred, "ratio": peak / pred, "loss": float(loss)}
 
