@@ -76,3 +76,21 @@ def test_accelerated_path_is_off_on_cpu_unless_asked():
     assert not accelerated(torch.device("cpu"))
     assert accelerated(torch.device("cpu"), True)
     assert not accelerated(torch.device("cuda"), False)
+
+
+def test_chunked_loss_under_bf16_autocast_matches_full_logits_loss(packed, monkeypatch):
+    # The M4 and CUDA run the loss under autocast: the matmuls in the autocast dtype, the softmax in fp32.
+    model, x, y, positions, doc_ids = packed
+    monkeypatch.setattr(loss_module, "CHUNK_TOKENS", 40)
+    runs = []
+    for return_logits in (True, False):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss = model(x, y, positions=positions, doc_ids=doc_ids, return_logits=return_logits)
+        loss.backward()
+        runs.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (want, want_grads), (got, got_grads) = runs
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=0.05, atol=2e-3)
+    model.zero_grad()

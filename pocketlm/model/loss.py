@@ -28,15 +28,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         w = weight.to(dtype)
         for i in range(0, h.shape[0], CHUNK_TOKENS):
             hc, yc = h[i:i + CHUNK_TOKENS].to(dtype), targets[i:i + CHUNK_TOKENS]
-            logits = (hc @ w.t()).float()
-            total += F.cross_entropy(logits, yc, ignore_index=IGNORE_INDEX, reduction="sum")
+            valid = (yc != IGNORE_INDEX)[:, None]
+            index = yc.clamp(min=0)[:, None]
+            # Two passes over the (rows x vocab) block after the matmul: log-softmax (the logits are
+            # dropped after it), then exp in place turns it into the softmax. Ignored rows are zeroed
+            # on the narrow side (hidden states and their gradient), never across the vocabulary.
+            logp = torch.log_softmax((hc @ w.t()).float(), dim=-1)
+            total -= (logp.gather(1, index) * valid).sum()
             # d(sum of losses)/d(logits) = softmax - one-hot on counted rows, 0 on ignored rows.
-            g = torch.softmax(logits, dim=-1)
-            valid = yc != IGNORE_INDEX
-            g.scatter_add_(1, yc.clamp(min=0)[:, None], -valid[:, None].to(g.dtype))
-            g = (g * valid[:, None]).to(dtype)
-            grad_h[i:i + CHUNK_TOKENS] = (g @ w).to(h.dtype)
-            grad_w += (g.t() @ hc).float()
+            g = logp.exp_().scatter_add_(1, index, valid.to(logp.dtype).neg()).to(dtype)
+            del logp
+            grad_h[i:i + CHUNK_TOKENS] = ((g @ w) * valid).to(h.dtype)
+            grad_w += (g.t() @ (hc * valid)).float()
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return total
 

@@ -8,9 +8,9 @@ Peak training memory is predicted analytically (bytes):
               CPU run masked attention through the math path);
               with checkpointing only each block's input (C fp32) plus one block's worth
   loss        eager (MPS, CPU): the chunked loss of model/loss.py keeps at most CHUNK_TOKENS rows of
-              logits alive, at 12 bytes a row and vocabulary entry (fp32 logits, softmax, masked
-              softmax) + the autocast copy, and saves the hidden states' gradient (B·T·C fp32) and
-              the weight's (V·C fp32) for backward;
+              logits alive, at 8 bytes a row and vocabulary entry (fp32 logits and their log-softmax;
+              the autocast copies are smaller and never alive with both), and saves the hidden
+              states' gradient (B·T·C fp32) and the weight's (V·C fp32) for backward;
               compiled (CUDA): B·T·V at 16 bytes (fp32 logits, log-softmax output, two gradient
               buffers) + the autocast copy
   mask        B·T·T bytes (the per-document boolean attention mask)
@@ -88,7 +88,7 @@ def estimate(cfg: GPTConfig, micro_batch: int, seq_len: int, precision: str, dev
     if compiled:
         logits = tokens * V * (16 + (a if amp else 0))
     else:
-        logits = min(tokens, CHUNK_TOKENS) * V * (12 + (a if amp else 0)) + tokens * C * 4 + V * C * 4
+        logits = min(tokens, CHUNK_TOKENS) * V * 8 + tokens * C * 4 + V * C * 4
     return MemoryEstimate(static, activations, logits, micro_batch * seq_len * seq_len)
 
 
