@@ -10,7 +10,7 @@ import torch
 from pocketlm import PocketLMError
 from pocketlm.infer.config import StatsRequest
 from pocketlm.infer.sampling import GenConfig, filtered_logits, make_generator, sample_next
-from pocketlm.infer.stats import StatsLayout, token_stats
+from pocketlm.infer.stats import StatsLayout, token_stats, topk_blocked
 
 LOGITS = torch.tensor([1.0, 2.0, 3.0, 4.0])  # softmax ≈ [0.032, 0.087, 0.237, 0.644]
 NEG = float("-inf")
@@ -69,3 +69,11 @@ def test_no_stats_request_sends_only_the_id():
 def test_validate_names_the_field(field, value):
     with pytest.raises(PocketLMError, match=field):
         GenConfig(**{field: value}).validate()
+
+
+@pytest.mark.parametrize(("shape", "k"), [((16000,), 5), ((8, 16000), 3), ((16001,), 7), ((300,), 5), ((5,), 5)])
+def test_blocked_top_k_equals_torch_topk(shape, k):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(k))
+    values, ids = topk_blocked(x, k)
+    want = torch.topk(x, k)
+    assert torch.equal(values, want.values) and torch.equal(ids, want.indices)

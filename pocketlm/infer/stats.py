@@ -28,6 +28,24 @@ class TokenStats:
     attn_entropy: list[list[float]] | None = None  # per layer, per head: entropy of the last query
 
 
+TOPK_BLOCK = 128  # vocabulary entries per block in `topk_blocked`
+
+
+def topk_blocked(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(x, k) over the last dim, in two small selections: the k blocks with the largest
+    maxima hold the k largest entries, so only k x TOPK_BLOCK candidates are ranked. On an H200,
+    inside a CUDA graph, top-5 of 16,000 took 33 us this way against 64 us for one torch.topk."""
+    V = x.shape[-1]
+    n = -(-V // TOPK_BLOCK)
+    if n <= k:
+        return torch.topk(x, k)
+    blocks = F.pad(x, (0, n * TOPK_BLOCK - V), value=float("-inf")).unflatten(-1, (n, TOPK_BLOCK))
+    best = torch.topk(blocks.amax(-1), k).indices  # [..., k]
+    cand = blocks.gather(-2, best.unsqueeze(-1).expand(*best.shape, TOPK_BLOCK)).flatten(-2)
+    values, at = torch.topk(cand, k)
+    return values, best.gather(-1, at // TOPK_BLOCK) * TOPK_BLOCK + at % TOPK_BLOCK
+
+
 def token_stats(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> torch.Tensor:
     """[logprob(chosen), entropy, top-k logprobs..., top-k ids...] of fp32 logits [V], on their device.
 
@@ -39,8 +57,8 @@ def token_stats(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> torch.Ten
     # allowed inside a CUDA graph capture).
     parts = [logp.gather(0, chosen.reshape(1)), entropy.reshape(1)]
     if k > 0:
-        top = torch.topk(logp, k)
-        parts += [top.values, top.indices.float()]
+        values, ids = topk_blocked(logp, k)
+        parts += [values, ids.float()]
     return torch.cat(parts)
 
 
@@ -110,8 +128,8 @@ class Signals:
             # Through the same final norm and unembedding as the real output, so the last layer's lens
             # equals the model's own prediction. Observation only: nothing is folded into the weights.
             probs = torch.softmax(F.linear(model.ln_final(resid), model.embed.weight[:vocab]).float(), dim=-1)
-            top = torch.topk(probs, req.lens_top)
-            parts += [top.values.flatten(), top.indices.float().flatten()]
+            values, ids = topk_blocked(probs, req.lens_top)
+            parts += [values.flatten(), ids.float().flatten()]
         if req.attn_entropy:
             pattern = torch.stack([self.captured[f"blocks.{i}.attn.hook_pattern"] for i in range(n_layer)])
             parts.append(-torch.special.xlogy(pattern, pattern).sum(-1).flatten())
