@@ -60,7 +60,8 @@ def test_take_and_stats_count_characters():
 
 
 def test_hub_path_pointed_at_local_files_matches_the_mirror(data_dir, monkeypatch):
-    """The hub branch calls datasets.load_dataset(hub_id, ...); only the location is swapped here."""
+    """The hub branch calls datasets.load_dataset(hub_id, ...); only the location is swapped here. The
+    same rows come out of datasets' reader and the mirror's line reader."""
     calls = []
     real = datasets.load_dataset
 
@@ -75,7 +76,7 @@ def test_hub_path_pointed_at_local_files_matches_the_mirror(data_dir, monkeypatc
     via_hub = list(open_source("oasst1:split=validation"))
     assert calls == [(local, "validation", True)]
     via_mirror = list(open_source("oasst1", data_dir=data_dir))
-    assert calls[1][0] == "json" and calls[1][2] is True
+    assert len(calls) == 1  # a mirror's JSON lines are read by the stdlib, the hub's rows by datasets
     assert len(via_hub) == 2  # the fixture's two message trees
     assert [r["messages"] for r in via_hub] == [r["messages"] for r in via_mirror]
 

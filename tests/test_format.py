@@ -72,6 +72,16 @@ def test_document_ends_with_boundary(data_dir, small_tokenizer):
         assert small_tokenizer.decode(ids[:-1]) == doc["text"]
 
 
+@pytest.mark.parametrize("mark", [False, True])
+def test_bulk_encoding_equals_one_document_at_a_time(data_dir, small_tokenizer, encode_document, mark):
+    # A literal U+2581 in any text takes the slower split path for the batch; without one, one call.
+    texts = [d["text"] for d in open_source("fineweb_edu:take=5", data_dir=data_dir)]
+    if mark:
+        texts[2] = "a \u2581 b\u2581" + texts[2]
+    got = [ids.tolist() for ids in encode_documents(small_tokenizer, texts)]
+    assert got == [encode_document(small_tokenizer, t) for t in texts]
+
+
 def test_window_positions_restart_after_eot():
     eot = 4
     x = np.array([[7, 8, 4, 9, 9, 9, 4, 4, 5]])

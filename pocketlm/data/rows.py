@@ -12,7 +12,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Generator, Iterator
 
 from pocketlm import PocketLMError
 from pocketlm.data.sources import DATA_DIR_ENV, LoadContext
@@ -35,20 +35,7 @@ class Row:
     def where(self) -> str:
         if not self.local:
             return f"{self.origin} row {self.index + 1}"
-        if self.line is None and self.origin.endswith(".jsonl"):
-            self.line = _record_line(Path(self.origin), self.index)
         return f"{self.origin} line {self.line}" if self.line is not None else self.origin
-
-
-def _record_line(path: Path, index: int) -> int:
-    """Line number of the index-th record: pyarrow numbers rows skipping blank lines, so count the same way."""
-    seen = -1
-    with path.open(encoding="utf-8", errors="surrogateescape") as fh:  # counting lines, not reading text
-        for lineno, line in enumerate(fh, 1):
-            seen += bool(line.strip())
-            if seen == index:
-                return lineno
-    raise PocketLMError(f"{path}: has fewer than {index + 1} records; the file changed while it was read")
 
 
 def json_message(e: json.JSONDecodeError) -> str:
@@ -136,13 +123,22 @@ def hub_rows(ctx: LoadContext, split: str, name: str | None = None) -> Iterator[
 
 
 def json_rows(ctx: LoadContext, files: list[Path]) -> Iterator[Row]:
-    """Stream local JSON-lines / JSON / Parquet files in the hub schema, one file at a time."""
+    """Stream local JSON-lines / JSON / Parquet files in the hub schema, one file at a time.
+
+    JSON lines are read by the stdlib, line by line: it gives every row its line number and takes
+    about 40% less CPU than datasets' JSON builder (0.20 s against 0.35 s for 106 MB), which the
+    token cache build waits for on its main thread.
+    """
     import datasets
     import pyarrow
 
     # datasets logs its own multi-line error before raising; the line-precise message below replaces it.
     logging.getLogger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
     for f in files:
+        if f.suffix == ".jsonl":
+            if not (yield from _json_lines(ctx, f)):
+                reject(ctx, str(f), "the file holds no records", "bad file: no records")
+            continue
         builder = "parquet" if f.suffix == ".parquet" else "json"
         try:
             ds = datasets.load_dataset(builder, data_files=[str(f)], split="train", streaming=True)
@@ -155,21 +151,19 @@ def json_rows(ctx: LoadContext, files: list[Path]) -> Iterator[Row]:
                 yield Row(data, str(f), n, local=True)
                 n += 1
         except pyarrow.ArrowInvalid as e:
-            if f.suffix != ".jsonl":
-                raise PocketLMError(f"{f}: cannot be read as {builder} ({e}); fix or remove the file") from None
-            # pyarrow fails a whole block without a line number and cannot skip a line: finish the
-            # file line by line, after the n rows already given.
-            yield from _json_lines(ctx, f, skip=n)
+            raise PocketLMError(f"{f}: cannot be read as {builder} ({e}); fix or remove the file") from None
 
 
-def _json_lines(ctx: LoadContext, path: Path, skip: int) -> Iterator[Row]:
-    good = 0
+def _json_lines(ctx: LoadContext, path: Path) -> Generator[Row, None, int]:
+    """The rows of a JSON-lines file; returns the number of non-blank lines."""
+    good = lines = 0
     # surrogateescape: a byte that is not UTF-8 becomes a lone surrogate, so one bad line is found
     # and reported (or skipped) without ending the read of the others.
     with path.open(encoding="utf-8", errors="surrogateescape") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
+            lines += 1
             bad = _BAD_BYTE.search(line)
             if bad:
                 byte = ord(bad.group()) - 0xDC00
@@ -186,9 +180,9 @@ def _json_lines(ctx: LoadContext, path: Path, skip: int) -> Iterator[Row]:
                 reject(ctx, f"{path} line {lineno}", f"expected a JSON object, got {type(data).__name__}",
                        "bad line: not a JSON object")
                 continue
+            yield Row(data, str(path), good, local=True, line=lineno)
             good += 1
-            if good > skip:
-                yield Row(data, str(path), good - 1, local=True, line=lineno)
+    return lines
 
 
 def text_rows(files: list[Path], by_document: bool, encoding: str = "utf-8-sig") -> Iterator[Row]:

@@ -244,6 +244,8 @@ class Tokenizer:
         The fast path for bulk tokenization: one C++ call with the GIL released (threads calling it
         run in parallel), and the ids come back as arrays, with no Python int made per token.
         """
+        if not any(_SPACE_MARK in t for t in texts):  # the usual case: one piece per text
+            return list(self._sp.encode(list(texts), return_type="numpy", num_threads=1))
         # As in _encode_text: a literal U+2581 splits its text into parts, joined by the mark's bytes.
         parts = [t.split(_SPACE_MARK) for t in texts]
         flat = [p for ps in parts for p in ps]
