@@ -94,3 +94,30 @@ def test_chunked_loss_under_bf16_autocast_matches_full_logits_loss(packed, monke
     for g, w in zip(got_grads, want_grads):
         torch.testing.assert_close(g, w, rtol=0.05, atol=2e-3)
     model.zero_grad()
+
+
+def test_compiled_cuda_training_takes_flex_attention_and_evaluation_does_not(packed, monkeypatch):
+    from pocketlm.model import attention
+    from pocketlm.train import ddp
+    from pocketlm.train.config import TrainConfig
+    from pocketlm.train.evaluate import evaluate
+
+    model, x, y, positions, doc_ids = packed
+    # Only where its compiled gradients were checked against eager: CUDA (no CPU backward exists).
+    for device, on in (("cuda", True), ("cpu", False)):
+        model.use_flex_attention(False)
+        ddp.wrap(model, TrainConfig(compile=True), torch.device(device), ddp.DistInfo())
+        assert model.flex_attention is on, device
+    # Evaluation runs the model eagerly, where flex attention would be unfused: the dense mask there.
+    model.use_flex_attention(True)
+    want = evaluate(model, [{"x": x, "y": y, "positions": positions, "doc_ids": doc_ids}], torch.ones(256),
+                    torch.device("cpu"))
+
+    def no_flex(*args, **kwargs):
+        raise AssertionError("evaluation called flex attention")
+
+    monkeypatch.setattr(attention, "flex_attention", no_flex)
+    got = evaluate(model, [{"x": x, "y": y, "positions": positions, "doc_ids": doc_ids}], torch.ones(256),
+                   torch.device("cpu"))
+    assert got == want and model.flex_attention
+    model.use_flex_attention(False)

@@ -45,8 +45,10 @@ def evaluate(model: nn.Module, batches: Iterable[dict], byte_lengths: np.ndarray
     # pooled on the host in float64 after one transfer at the end, so long evaluations lose nothing.
     lengths = torch.as_tensor(byte_lengths, dtype=torch.int64, device=device)
     float_sums, int_sums = [], []  # per batch: [nats, text nats], [tokens, text bytes]
-    was_training = model.training
+    was_training, flex = model.training, getattr(model, "flex_attention", False)
     model.eval()
+    if flex:  # on for a compiled training step; eager, flex attention runs unfused: the dense mask here
+        model.flex_attention = False
     for b in batches:
         x, y = to_device(b["x"], device), to_device(b["y"], device)
         with autocast or contextlib.nullcontext():
@@ -56,9 +58,12 @@ def evaluate(model: nn.Module, batches: Iterable[dict], byte_lengths: np.ndarray
                                     reduction="none")
         valid = y.flatten() != IGNORE_INDEX
         nbytes = torch.where(valid, lengths[y.flatten().clamp(min=0)], 0)
-        float_sums.append(torch.stack([per_token.sum(), per_token[nbytes > 0].sum()]))
+        # where, not per_token[nbytes > 0]: boolean indexing waits for the device to count the rows.
+        float_sums.append(torch.stack([per_token.sum(), torch.where(nbytes > 0, per_token, 0).sum()]))
         int_sums.append(torch.stack([valid.sum(), nbytes.sum()]))
     model.train(was_training)
+    if flex:
+        model.flex_attention = True
     if not float_sums:
         return EvalResult(loss=0.0, bpb=0.0, tokens=0, nats=0.0, text_nats=0.0, text_bytes=0)
     # One sync per source, at the end; the pooling is numpy on the host.
