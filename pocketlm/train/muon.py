@@ -137,7 +137,8 @@ class MuonAdamW(torch.optim.Optimizer):
         # The count stays on the device and a skipped step does not count. The bias corrections use the
         # count this step reaches if taken (when skipped, the count 0 of a first step would divide by 0).
         t = torch.stack(steps) + 1
-        torch._foreach_add_(steps, 1.0 if keep is None else [keep] * len(steps))  # a 0-d tensor: read on CPU
+        # A list: the overload taking one 0-d tensor reads it on the host (CPU), the list overload does not.
+        torch._foreach_add_(steps, 1.0 if keep is None else [keep] * len(steps))
         _lerp_(exp_avgs, grads, _rate(1 - beta1, 0.0, keep))
         torch._foreach_mul_(exp_avg_sqs, _rate(beta2, 1.0, keep))
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
