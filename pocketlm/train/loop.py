@@ -69,9 +69,10 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, batches: list[dict]
     gradient is the token mean over the whole global batch whatever the split into micro-batches and
     ranks (SFT rows carry very different numbers of assistant tokens). Returns (this rank's share of
     the global mean loss, global grad norm before clipping), both device tensors. A step whose
-    gradient is not finite changes nothing: GradScaler skips it in fp16, the fused optimizer's
-    `found_inf` in bf16/fp32, both decided on the device. z_loss > 0 adds z_loss * mean(logsumexp(logits)^2)
-    over the targets (keeps the logits' scale in check; the returned loss stays the cross-entropy alone).
+    gradient is not finite changes nothing: GradScaler skips it in fp16, the optimizer's `found_inf`
+    in bf16/fp32 (fused AdamW, MuonAdamW), both decided on the device. z_loss > 0 adds
+    z_loss * mean(logsumexp(logits)^2) over the targets (keeps the logits' scale in check; the returned
+    loss stays the cross-entropy alone).
     """
     counts = [int((b["y"] != IGNORE_INDEX).sum()) for b in batches]  # CPU tensors: no device sync
     n_global = ddp.all_reduce_count(sum(counts), device, dist)
@@ -92,10 +93,10 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, batches: list[dict]
     params = [p for g in opt.param_groups for p in g["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
     if prec.scaler.is_enabled():
-        prec.scaler.step(opt)  # skips the update itself when the gradients overflowed
+        prec.scaler.step(opt)  # skips an overflowed step: through found_inf where the optimizer takes it
         prec.scaler.update()
-    elif all(g["fused"] for g in opt.param_groups):
-        opt.found_inf = (~torch.isfinite(grad_norm)).float()  # the fused kernel skips the update when 1
+    elif getattr(opt, "_step_supports_amp_scaling", False):  # fused AdamW, MuonAdamW
+        opt.found_inf = (~torch.isfinite(grad_norm)).float()  # the step skips the update when 1
         opt.step()
     elif math.isfinite(float(grad_norm)):  # unfused optimizers can only skip from the host
         opt.step()

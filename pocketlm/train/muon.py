@@ -43,22 +43,43 @@ def orthogonalize(g: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
     return (x.mT if tall else x).to(g.dtype)
 
 
-def muon_updates(grads: list[torch.Tensor], momenta: list[torch.Tensor], beta: float,
-                 blocks: int) -> list[torch.Tensor]:
+def muon_updates(grads: torch.Tensor, momenta: list[torch.Tensor], beta: float, blocks: int,
+                 keep: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Nesterov momentum, orthogonalised per block, scaled so tall and wide matrices move alike.
 
-    `grads` all have one shape: they are stacked and orthogonalised as one batch (a few kernel
-    launches instead of a few per matrix)."""
-    torch._foreach_lerp_(momenta, grads, 1 - beta)
-    g = torch.stack(grads).lerp_(torch.stack(momenta), beta)
+    `grads` stacks same-shape gradients (overwritten), orthogonalised as one batch: a few kernel
+    launches instead of a few per matrix. Where `keep` is false the momenta stay and the updates are 0."""
+    _lerp_(momenta, list(grads.unbind(0)), _rate(1 - beta, 0.0, keep))
+    g = grads.lerp_(torch.stack(momenta), beta)
     n, rows, cols = g.shape[0], g.shape[1] // blocks, g.shape[2]
-    u = orthogonalize(g.view(n * blocks, rows, cols)).view_as(g) * math.sqrt(max(1.0, rows / cols))
+    scale = _rate(math.sqrt(max(1.0, rows / cols)), 0.0, keep)
+    u = orthogonalize(g.view(n * blocks, rows, cols)).view_as(g) * scale
     return list(u.unbind(0))
+
+
+def _rate(taken: float, skipped: float, keep: torch.Tensor | None) -> float | torch.Tensor:
+    """`taken`, or without a host read a 0-d device tensor that is `skipped` where `keep` is false."""
+    return taken if keep is None else torch.where(keep, taken, skipped)
+
+
+def _lerp_(starts: list[torch.Tensor], ends: list[torch.Tensor], weight: float | torch.Tensor) -> None:
+    torch._foreach_lerp_(starts, ends, weight if isinstance(weight, float) else [weight] * len(starts))
 
 
 class MuonAdamW(torch.optim.Optimizer):
     """Groups with `muon=True` take Muon steps (lr, momentum, weight_decay, blocks per parameter);
-    the others take AdamW steps (lr, betas, eps, weight_decay). Weight decay is decoupled in both."""
+    the others take AdamW steps (lr, betas, eps, weight_decay). Weight decay is decoupled in both.
+
+    A step whose gradients are not finite is skipped on the device, never read on the host: the loop
+    (bf16/fp32) or GradScaler (fp16) sets `found_inf`, a 0-d device tensor, non-zero to skip, as for
+    torch's fused AdamW. The gradients are then zeroed where skipped (an inf times 0 is NaN) and every
+    change of a weight or of the state goes through a rate chosen by `torch.where` (0, or a factor 1,
+    when skipped): a skipped step leaves everything bit for bit, a taken one computes what it would
+    without `found_inf`."""
+
+    # GradScaler passes `found_inf` (and `grad_scale` when the gradients are still scaled) as attributes
+    # and calls step() whatever they hold, instead of reading found_inf on the host first.
+    _step_supports_amp_scaling = True
 
     def __init__(self, groups: list[dict], betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                  momentum: float = 0.95) -> None:
@@ -68,38 +89,66 @@ class MuonAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102 - torch's signature
+        found_inf = getattr(self, "found_inf", None)
+        grad_scale = getattr(self, "grad_scale", None)
+        keep = None if found_inf is None else found_inf == 0
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            if group["weight_decay"] and params:
-                torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
-            if not group["muon"]:
-                for p in params:
-                    self._adamw(p, self.state[p], group)
+            if not params:
                 continue
-            by_shape: dict[tuple[int, ...], list[torch.Tensor]] = {}
-            for p in params:
-                by_shape.setdefault(tuple(p.shape), []).append(p)
+            grads = [p.grad for p in params]
+            if grad_scale is not None:
+                grads = torch._foreach_div(grads, grad_scale)
+            if group["weight_decay"]:
+                torch._foreach_mul_(params, _rate(1 - group["lr"] * group["weight_decay"], 1.0, keep))
+            if not group["muon"]:
+                if keep is not None:
+                    grads = [torch.where(keep, g, 0.0) for g in grads]
+                self._adamw(params, grads, group, keep)
+                continue
+            by_shape: dict[tuple[int, ...], list[int]] = {}
+            for i, p in enumerate(params):
+                by_shape.setdefault(tuple(p.shape), []).append(i)
                 if not self.state[p]:
                     self.state[p]["momentum"] = torch.zeros_like(p)
-            for same in by_shape.values():
-                updates = muon_updates([p.grad for p in same], [self.state[p]["momentum"] for p in same],
-                                       group["momentum"], group["blocks"])
+            for idx in by_shape.values():
+                same = [params[i] for i in idx]
+                stacked = torch.stack([grads[i] for i in idx])
+                if keep is not None:
+                    stacked.masked_fill_(~keep, 0.0)
+                updates = muon_updates(stacked, [self.state[p]["momentum"] for p in same], group["momentum"],
+                                       group["blocks"], keep)
                 torch._foreach_add_(same, updates, alpha=-group["lr"])
         return None
 
-    @staticmethod
-    def _adamw(p: torch.Tensor, state: dict, group: dict) -> None:
+    def _adamw(self, params: list[torch.Tensor], grads: list[torch.Tensor], group: dict,
+               keep: torch.Tensor | None) -> None:
         beta1, beta2 = group["betas"]
-        if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p)
-            state["exp_avg_sq"] = torch.zeros_like(p)
-        state["step"] += 1
-        t = float(state["step"])
-        state["exp_avg"].lerp_(p.grad, 1 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-        denom = (state["exp_avg_sq"] / (1 - beta2 ** t)).sqrt_().add_(group["eps"])
-        p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** t))
+        states = [self.state[p] for p in params]
+        for p, state in zip(params, states):
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            elif state["step"].device != p.device:  # checkpoints kept the count on the host before
+                state["step"] = state["step"].to(p.device, torch.float32)
+        steps = [s["step"] for s in states]
+        exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        # The count stays on the device and a skipped step does not count. The bias corrections use the
+        # count this step reaches if taken (when skipped, the count 0 of a first step would divide by 0).
+        t = torch.stack(steps) + 1
+        # A list: the overload taking one 0-d tensor reads it on the host (CPU), the list overload does not.
+        torch._foreach_add_(steps, 1.0 if keep is None else [keep] * len(steps))
+        _lerp_(exp_avgs, grads, _rate(1 - beta1, 0.0, keep))
+        torch._foreach_mul_(exp_avg_sqs, _rate(beta2, 1.0, keep))
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        denom = torch._foreach_div(exp_avg_sqs, list((1 - beta2 ** t).unbind(0)))
+        torch._foreach_sqrt_(denom)
+        torch._foreach_add_(denom, group["eps"])
+        step_size = -group["lr"] / (1 - beta1 ** t)
+        if keep is not None:
+            step_size = torch.where(keep, step_size, 0.0)
+        torch._foreach_addcdiv_(params, torch._foreach_mul(exp_avgs, list(step_size.unbind(0))), denom)
 
 
 def muon_groups(model: nn.Module, lr: float, ratio: float, weight_decay: float) -> list[dict]:
