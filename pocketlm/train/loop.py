@@ -28,6 +28,7 @@ from pocketlm.train.config import TrainConfig, config_dict, warmup_for
 from pocketlm.train.evaluate import evaluate, greedy_text, pooled
 from pocketlm.train.muon import build_optimizer, set_lr
 from pocketlm.train.precision import MAX_SKIPPED_STEPS, Precision, device_name, peak_flops, resolve_precision
+from pocketlm.train.prefetch import Prefetcher
 from pocketlm.train.schedule import lr_at
 
 
@@ -181,11 +182,14 @@ def run_phase(run: RunContext, phase: Phase, model: nn.Module, tokenizer_path: P
             save_checkpoint(phase_dir, kind, model, tokenizer_path, meta, st)
         ddp.barrier(dist)
 
+    # Each rank builds its own micro-batches of the next steps while this one trains.
+    prefetch = Prefetcher(lambda s: micro_batches(phase.train, s, cfg.micro_batch, cfg.accum_steps, dist.rank,
+                                                  dist.world), step, phase.steps, device)
     try:  # close the bar also when the run stops with an error, so the message is not garbled
         while step < phase.steps:
             lr = lr_at(step, phase.peak_lr, phase.steps, warmup, cfg.min_lr_frac, cfg.schedule, cfg.decay_frac)
             set_lr(opt, lr)
-            batches = micro_batches(phase.train, step, cfg.micro_batch, cfg.accum_steps, dist.rank, dist.world)
+            batches = prefetch.get(step)
             loss_share, grad_norm = train_step(train_model, opt, batches, prec, cfg.grad_clip, device, dist,
                                                cfg.z_loss)
             # fp16 reads every step's grad norm (GradScaler waits for the device anyway) to count the
@@ -235,6 +239,7 @@ def run_phase(run: RunContext, phase: Phase, model: nn.Module, tokenizer_path: P
                                                           "best_val": best, "stale_evals": stale})
                     break
     finally:
+        prefetch.close()  # also on an early stop or an error: no worker outlives the phase
         bar.close()
     return best
 
