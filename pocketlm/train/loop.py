@@ -193,8 +193,9 @@ def run_phase(run: RunContext, phase: Phase, model: nn.Module, tokenizer_path: P
             loss_share, grad_norm = train_step(train_model, opt, batches, prec, cfg.grad_clip, device, dist,
                                                cfg.z_loss)
             # fp16 reads every step's grad norm to count the skipped steps in a row (the one wait for the
-            # device a step on that path; the optimizers skip on the device); bf16/fp32 never wait here: their non-finite steps, already skipped on the device, are
-            # counted there and stop the run at the next log line.
+            # device a step on that path; the optimizers skip on the device); bf16/fp32 never wait here:
+            # their non-finite steps, skipped on the device, are counted there and stop the run at the
+            # next log line.
             skipped = prec.scaler.is_enabled() and not math.isfinite(float(grad_norm))
             if prec.after_step(not skipped):
                 run.log(f"{phase.name} step {step + 1}: fp16 overflowed {MAX_SKIPPED_STEPS} steps in a row; "
