@@ -20,7 +20,6 @@ appends its numbers as one JSON line to bench/results.jsonl.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import signal
@@ -30,8 +29,11 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import results  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results.jsonl"
 # `pocketlm train` flags of each DDP variant measured in the throughput part (see TrainConfig).
 VARIANTS = {
     "default": [],
@@ -85,16 +87,11 @@ def needs_ddp_only(variant: str) -> bool:
     return all(flag.startswith("--ddp-") for flag in VARIANTS[variant][::2])
 
 
-def device_info(extra: list[str]) -> dict:
-    import torch
-
+def measured_device(extra: list[str]):
+    """The device the `pocketlm train` runs use (their --device, else the automatic choice)."""
     from pocketlm.device import pick_device
-    from pocketlm.train.precision import device_name
 
-    device = pick_device(extra[extra.index("--device") + 1] if "--device" in extra else "auto")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    return {"device": device_name(device), "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-            "commit": commit.stdout.strip() or "unknown"}
+    return pick_device(extra[extra.index("--device") + 1] if "--device" in extra else "auto")
 
 
 def main() -> None:
@@ -141,7 +138,7 @@ def main() -> None:
           f"compile={args.compile}, {args.repeats} runs per layout, median tok/s of the log lines after step "
           f"{args.log_every}")
     print(f"{'variant':>18} {'N':>2} {'tok/s':>12} {'speedup':>8} {'efficiency':>10}")
-    record = {"bench": "ddp_scaling", **device_info(args.extra), "micro": args.micro, "steps": args.steps,
+    record = {"micro": args.micro, "steps": args.steps,
               "compile": args.compile, "repeats": args.repeats, "extra": args.extra, "throughput": []}
     for (v, n), r in rate.items():
         print(f"{v:>18} {n:>2} {r:>12,.0f} {r / base:>7.2f}x {r / (n * base):>10.1%}")
@@ -162,8 +159,7 @@ def main() -> None:
                   + " val " + " ".join(f"{v:.4f}" for v in vals))
             record["parity"].append({"n": n, "spread": spread(curves[n], steps), "gap_vs_1": gap, "val": vals})
         record["resume"] = resume_part(args, run, runs, top, half, curves[1], steps, quiet)
-    with RESULTS.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    results.append("ddp_scaling", measured_device(args.extra), [record])
 
 
 def resume_part(args: argparse.Namespace, run, runs: Path, top: int, half: int, ones: list[dict[int, float]],

@@ -27,11 +27,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import math
 import statistics
-import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import results as bench_results  # noqa: E402
 from pocketlm.cache.dataset import PretrainData
 from pocketlm.device import pick_device
 from pocketlm.model import GPT, GPTConfig
@@ -180,14 +182,6 @@ def run_one(spec: RunSpec, base: TrainConfig, mcfg: GPTConfig, val: dict[str, Pr
 
 def judge(r: dict[str, Any]) -> float:
     return r["final"]["fineweb_edu"]
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 class Scheduler:
@@ -350,11 +344,7 @@ def main() -> int:
     print(table(rows))
     if sched.skipped:
         print("skipped for the deadline: " + "; ".join(sched.skipped))
-    record = {"bench": "recipe", "device": device_name(device), "torch": torch.__version__,
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "commit": git_commit(), "rows": rows, "skipped": sched.skipped}
-    with (out / "results.jsonl").open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    bench_results.append("recipe", device, [{"rows": rows, "skipped": sched.skipped}], path=out / "results.jsonl")
     return 0
 
 
