@@ -112,6 +112,20 @@ def small_tokenizer(data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
+def small_cache(small_tokenizer, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """`small_cache(specs, data)`: a token cache of `small_tokenizer` over (source spec, kind) pairs read
+    from the mirror at `data`, one encoding thread, 10% validation."""
+    from pocketlm.cache.build_cache import build_cache
+
+    def build(specs: list[tuple[str, str]], data: Path) -> Path:
+        out = tmp_path_factory.mktemp("cache") / "cache"
+        build_cache(small_tokenizer.path, specs, out, data_dir=data, workers=1, val_fraction=0.1, progress=False)
+        return out
+
+    return build
+
+
+@pytest.fixture(scope="session")
 def small_corpus() -> Callable[[Path], Iterator[str]]:
     """`small_corpus(data)`: the texts `small_tokenizer` is trained on."""
     return _small_corpus

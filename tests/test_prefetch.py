@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from pocketlm import PocketLMError
-from pocketlm.cache.build_cache import build_cache
 from pocketlm.cache.dataset import PretrainData, SFTData
 from pocketlm.model import GPT, GPTConfig
 from pocketlm.train import metrics
@@ -27,11 +26,9 @@ WAIT_S = 60  # the longest any event is waited for; reached only when something 
 
 
 @pytest.fixture(scope="module")
-def cache(small_tokenizer, data_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("prefetch_cache") / "cache"
-    specs = [("fineweb_edu:take=60", "pretrain"), ("roam:take=100", "pretrain"), ("dolly:take=150", "sft")]
-    build_cache(small_tokenizer.path, specs, out, data_dir=data_dir, workers=1, val_fraction=0.1, progress=False)
-    return out
+def cache(small_cache, data_dir) -> Path:
+    return small_cache([("fineweb_edu:take=60", "pretrain"), ("roam:take=100", "pretrain"), ("dolly:take=150", "sft")],
+                       data_dir)
 
 
 def dataset(cache: Path, kind: str = "pretrain"):

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from pocketlm import PocketLMError
-from pocketlm.cache.build_cache import build_cache
 from pocketlm.cache.dataset import PretrainData
 from pocketlm.model import GPT, GPTConfig
 from pocketlm.model.hf_bridge import hf_config
@@ -30,11 +29,9 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def cache(small_tokenizer, shared_data, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("recipe_cache") / "cache"
-    specs = [("fineweb_edu:take=120", "pretrain"), ("roam:take=200", "pretrain"), ("dolly:take=100", "sft")]
-    build_cache(small_tokenizer.path, specs, out, data_dir=shared_data, workers=1, val_fraction=0.1, progress=False)
-    return out
+def cache(small_cache, shared_data) -> Path:
+    return small_cache([("fineweb_edu:take=120", "pretrain"), ("roam:take=200", "pretrain"),
+                        ("dolly:take=100", "sft")], shared_data)
 
 
 def tiny_model(vocab: int, **over) -> GPT:
