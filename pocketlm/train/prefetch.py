@@ -70,7 +70,8 @@ class Prefetcher:
         built, batches, error = self._ready.get()
         assert built == step, (built, step)
         if error is not None:
-            error.add_note(f"raised while building the batches of step {step} in the prefetch thread")
+            if hasattr(error, "add_note"):  # Python 3.11+
+                error.add_note(f"raised while building the batches of step {step} in the prefetch thread")
             raise error
         self.next += 1
         return batches
