@@ -46,6 +46,7 @@ from pocketlm.train.loop import train_step  # noqa: E402
 from pocketlm.train.optim import build_adamw  # noqa: E402
 from pocketlm.train.plan import estimate, plan  # noqa: E402
 from pocketlm.train.precision import Precision  # noqa: E402
+from pocketlm.train.prefetch import pinned  # noqa: E402
 
 
 def synthetic_batch(B: int, T: int, V: int, docs_per_row: int, gen: torch.Generator) -> dict:
@@ -132,7 +133,7 @@ def make_step(mode: str, cfg: GPTConfig, B: int, T: int, device: torch.device):
     gen = torch.Generator().manual_seed(0)
     batch = synthetic_batch(B, T, cfg.vocab_size, 4, gen)
     if device.type == "cuda":
-        batch = {k: v.pin_memory() for k, v in batch.items()}
+        batch = pinned([batch])[0]
     # "+math" forces the math attention kernel, which stores the attention pattern as MPS does.
     def attention() -> contextlib.AbstractContextManager:
         return sdpa_kernel(SDPBackend.MATH) if math_attention else contextlib.nullcontext()
