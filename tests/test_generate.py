@@ -108,11 +108,11 @@ def test_stream_decoder_drops_stray_bytes(small_tokenizer):
 
 def test_length_at_max_new_tokens_and_at_context_end(tiny_model, forced_tokens):
     model, tok = tiny_model
-    gen = generate(model, tok, tok.encode(PROMPT)[:5], GenConfig(max_new_tokens=3, temperature=0.0))
-    assert len(list(gen)) == 3 and gen.finish_reason == "length"
     block = model.cfg.block_size
     prompt = (tok.encode(PROMPT) * 10)[:block - 2]
-    with forced_tokens(model, [tok.encode("a")[0]]):  # never eot, so only the context can stop it
+    with forced_tokens(model, [tok.encode("a")[0]]):  # never eot, so only a limit can stop it
+        gen = generate(model, tok, tok.encode(PROMPT)[:5], GenConfig(max_new_tokens=3, temperature=0.0))
+        assert len(list(gen)) == 3 and gen.finish_reason == "length"
         gen = generate(model, tok, prompt, GenConfig(max_new_tokens=50, temperature=0.0))
         steps = list(gen)
     # Positions block-2 .. block-1 get fed back; the token chosen with a full cache ends it.

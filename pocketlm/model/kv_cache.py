@@ -25,9 +25,12 @@ class KVCache:
     def __init__(self, cfg: GPTConfig, batch_size: int, max_len: int, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32) -> None:
         shape = (cfg.n_layer, batch_size, cfg.n_head, max_len, cfg.head_dim)
-        # One tensor per kind for all layers: (L, B, H, max_len, D); k[layer] is a (B, H, max_len, D) view.
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # One tensor per layer and kind, (B, H, max_len, D) each, not views of one (L, ...) tensor: a compiled
+        # static step writes each layer's new token in place only when that layer's cache is a tensor of its
+        # own. As views of one base, inductor rewrote the whole base for every layer's write (8 copies of the
+        # full cache per token: the compiled CPU decode ran 4-5x slower than eager; docs/LOG.md).
+        self.k = [torch.zeros(shape[1:], device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape[1:], device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.max_len = max_len
         self.pos = 0  # tokens cached so far; advanced once per forward, after all layers have written
         self.static = False  # True: address by the device-side `position` (one token per forward)
@@ -47,9 +50,9 @@ class KVCache:
         if end > self.max_len:
             raise PocketLMError(f"KV cache full: {self.pos} cached + {k.shape[2]} new > max_len {self.max_len}; "
                                 "allocate a longer cache or stop generating at the length limit")
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def static_mask(self) -> torch.Tensor:
         """(1, 1, 1, max_len) boolean: the slots the token at `position` may attend to."""
@@ -67,4 +70,4 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return sum(t.nbytes for t in self.k + self.v)
