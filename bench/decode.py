@@ -15,6 +15,8 @@ Rows (median of --repeats runs, interleaved, one warm-up run first; min and max 
 - +attn:       eager `generate()` with attention entropy per head (explicit attention).
 - hf:          HF `generate` (dynamic cache), greedy; hf:static: with `cache_implementation="static"`.
 - uncached:    greedy decoding that re-runs the whole sequence every step (no KV cache).
+- runc:        llama2.c's `run.c` (CPU only, fp32, OpenMP with --threads): the same shape, prompt-len +
+               new-tokens positions from BOS, its own 'achieved tok/s' (bench/llama2c.py).
 Without --ckpt the weights are random: timings do not depend on the values, and a stand-in
 tokenizer whose end-of-turn id is never sampled keeps every run at exactly --new-tokens tokens.
 """
@@ -33,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import results  # noqa: E402
+from bench import llama2c  # noqa: E402
 from bench.hf_peer import hf_llama  # noqa: E402
 from pocketlm.infer import graph_decode  # noqa: E402
 from pocketlm.infer.config import StatsRequest  # noqa: E402
@@ -165,8 +168,15 @@ def via_hf(hf, prompt: list[int], n: int, static: bool) -> tuple[float, float]:
     return first, run(n) - first
 
 
+def via_runc(peer: tuple[Path, Path, Path], prompt_len: int, n: int, threads: int) -> tuple[float, float]:
+    """run.c decodes prompt and reply alike, one position per forward: its rate over prompt_len + n
+    positions, returned as (no prefill, the decode ms of n tokens at that rate) to fit the other rows."""
+    tok_s = llama2c.decode_tok_s(*peer, steps=prompt_len + n, threads=threads)
+    return 0.0, (n - 1) / tok_s * 1e3
+
+
 ROWS = ("bare", "gen", "gen+stats", "graph", "graph+stats", "compiled", "+lens", "+attn", "hf", "hf:static",
-        "uncached")
+        "uncached", "runc")
 
 
 def main() -> None:
@@ -179,7 +189,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    ap.add_argument("--rows", nargs="+", default=[r for r in ROWS if r != "uncached"], choices=ROWS)
+    ap.add_argument("--rows", nargs="+", default=[r for r in ROWS if r != "uncached"], choices=ROWS,
+                    help="runc runs only on the CPU at the v1 preset, where llama2.c's folder is found")
+    ap.add_argument("--runc-dir", default="/tmp/pocketlm-llama2c", help="where run.c is built and its weights written")
     ap.add_argument("--no-record", action="store_true", help="do not append to bench/results.jsonl")
     args = ap.parse_args()
 
@@ -213,6 +225,13 @@ def main() -> None:
         "uncached": lambda: uncached(model, prompt, n),
     }
     rows = [r for r in args.rows if not (r.startswith("graph") and device.type != "cuda")]
+    if "runc" in rows:
+        if device.type == "cpu" and args.preset == "v1" and not args.ckpt and llama2c.peer_dir() is not None:
+            peer = llama2c.build(Path(args.runc_dir))
+            fns["runc"] = lambda: via_runc(peer, len(prompt), n, torch.get_num_threads())
+        else:
+            rows.remove("runc")
+            print("runc skipped: it runs on the CPU at the v1 preset with llama2.c's folder (POCKETLM_LLAMA2C)")
     head = {"device": str(device), "name": results.device_label(device), "dtype": args.dtype,
             "params": model.num_params(), "prompt": len(prompt), "new_tokens": n, "torch": torch.__version__,
             "threads": torch.get_num_threads()}
