@@ -62,3 +62,17 @@ def test_doctor_refuses_a_decode_longer_than_the_context_in_one_line():
     assert r.returncode == 1 and r.stdout == ""
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "--decode-tokens 500" in lines[0] and "block_size 128" in lines[0]
+
+
+def test_an_out_of_memory_step_is_reported_not_raised(monkeypatch, capsys):
+    """On a Mac whose memory the config overshoots, the report says so and still times the decode."""
+    from pocketlm.train import doctor
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("MPS backend out of memory (MPS allocated: 9.50 GB, other allocations: 0 bytes)\n"
+                                     "Tried to allocate 1.00 GB on private pool.")
+    monkeypatch.setattr(doctor, "train_step", out_of_memory)
+    report = doctor.doctor(None, "cpu", 1, {"micro_batch": 2, "seq_len": 32}, "tiny", 10, 20)
+    assert report["train"]["error"].startswith("MPS backend out of memory")
+    assert report["train"]["micro_batch"] == 2 and report["train"]["planned"]["bytes"] > 0
+    assert report["decode"]["plain"]["tokens"] == 10

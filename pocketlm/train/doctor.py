@@ -117,6 +117,16 @@ def _sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+def _free(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
+
+
 def _peak_rss_bytes() -> int:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
@@ -235,7 +245,17 @@ def doctor(config: str | None, device_name: str, steps: int, overrides: dict[str
     rss_before = _peak_rss_bytes()
     torch.manual_seed(cfg.seed)
     model = GPT(mcfg).to(device)
-    report["train"] = time_training(model, cfg, device, precision, steps, rss_before)
+    try:
+        report["train"] = time_training(model, cfg, device, precision, steps, rss_before)
+    except RuntimeError as e:  # torch.OutOfMemoryError, or MPS's "out of memory" RuntimeError
+        if "out of memory" not in str(e).lower():
+            raise
+        # The answer the report exists for: this micro-batch does not fit here. Say so, then go on.
+        report["train"] = {"error": str(e).strip().splitlines()[0], "micro_batch": cfg.micro_batch,
+                           "seq_len": cfg.seq_len, "precision": precision,
+                           "planned": planner_prediction(mcfg, cfg.micro_batch, cfg.seq_len, precision, device.type,
+                                                         cfg.checkpointing)}
+        _free(device)
     report["decode"] = time_decode(model, device, min(prompt_tokens, mcfg.block_size - decode_tokens), decode_tokens)
     report["notes"] = ("random weights and tokens; train steps eager (no torch.compile) after one untimed step; "
                        "timings include whatever else the machine was doing")
