@@ -16,8 +16,10 @@ def _always(args: tuple, kwargs: dict) -> bool:
     return True
 
 
-def _non_contiguous_qkv(args: tuple, kwargs: dict) -> bool:
-    return any(isinstance(t, torch.Tensor) and not t.is_contiguous() for t in args[:3])
+def _non_contiguous_qkv_before_2_13(args: tuple, kwargs: dict) -> bool:
+    from pocketlm.device import TORCH_VERSION
+
+    return TORCH_VERSION < (2, 13) and any(isinstance(t, torch.Tensor) and not t.is_contiguous() for t in args[:3])
 
 
 def _found_inf_before_2_13(args: tuple, kwargs: dict) -> bool:
@@ -37,11 +39,14 @@ class Gap:
 GAPS: tuple[Gap, ...] = (
     Gap("aten.multinomial", "pytorch/pytorch#192577",
         "MPS multinomial can return indices of zero probability; sample on the host"),
-    Gap("aten._scaled_dot_product_attention_math_for_mps", "pytorch/pytorch#163597",
-        "MPS SDPA kernels are wrong for non-contiguous q/k/v; make them contiguous", _non_contiguous_qkv),
-    Gap("aten._scaled_dot_product_flash_attention_for_cpu", "pytorch/pytorch#163597",
-        "(the CPU stand-in for MPS SDPA) non-contiguous q/k/v are wrong on MPS; make them contiguous",
-        _non_contiguous_qkv),
+    # Fixed for the query in 2.9 and for batched/permuted q/k/v by PR #181151 (2.12): from 2.13 the
+    # kernels take any strides with a dense last dim (model/attention.py, fused_attention).
+    Gap("aten._scaled_dot_product_attention_math_for_mps", "pytorch/pytorch#163597, #181133",
+        "before torch 2.13 MPS SDPA kernels are wrong for non-contiguous q/k/v; make them contiguous",
+        _non_contiguous_qkv_before_2_13),
+    Gap("aten._scaled_dot_product_flash_attention_for_cpu", "pytorch/pytorch#163597, #181133",
+        "(the CPU stand-in for MPS SDPA) before torch 2.13 non-contiguous q/k/v are wrong on MPS; make them "
+        "contiguous", _non_contiguous_qkv_before_2_13),
     Gap("aten._fused_adam_", "pytorch/pytorch#186360",
         "before torch 2.13 the fused MPS Adam ignores found_inf and applies overflowed steps; skip on the host",
         _found_inf_before_2_13),

@@ -10,14 +10,22 @@ CPU plays the device, every torch op is checked, and the first broken rule raise
   `DeviceLock`, or unlocked device work while another live thread has also done unlocked device work;
 - an op listed in `mps_gaps.GAPS`.
 
-The CPU being the device, host work cannot be told from device work by a tensor's device. Code that
-is on the host by design (fp64 accumulation, sampling from a row of floats, building tables before
-they move to the device) says so with `on_host()`, which pauses the rules for its thread. While the
-rules are on, `pocketlm.device.is_mps` is true for every device, so the MPS branches are what runs.
+The CPU being the device, a tensor's device cannot tell host from device, so the mode keeps track:
+a tensor is a device tensor when an op made it outside `on_host()`, when an op on a device tensor
+made it, when `.to(device)` copied it to the device, or when it is a model parameter. Code that is on
+the host by design (fp64 accumulation, sampling from a row of floats, building tables before they
+move to the device, the prefetcher building batches) says so with `on_host()`: inside it, ops on host
+tensors only are exempt, while an op that touches a device tensor and every `.to(device)` (a copy to
+the device, even of a host tensor) keep every rule, in any thread. `.cpu()` of a device tensor is a
+copy to the host (device work too), as it is on MPS. Under the mode `.to(a device)` always means the
+device: host code that means the host writes `.cpu()`. Tensors the mode never saw (made before it
+started, or by `torch.from_numpy`) count as host tensors. While the rules are on,
+`pocketlm.device.is_mps` is true for every device, so the MPS branches are what runs.
 
 What differs from a real MPS run: torch's GradScaler reciprocates the scale in fp64 on every device
 but MPS (where it uses fp32), so that one call site is allowed; kernels that are merely wrong on some
-macOS versions (e.g. SDPA with KV lengths that are not a multiple of 32) cannot be detected by name.
+macOS versions (e.g. SDPA with KV lengths that are not a multiple of 32) cannot be detected by name
+(`model/attention.py` checks them at start-up on the real device instead).
 """
 
 from __future__ import annotations
@@ -54,7 +62,8 @@ class _State:
 
 
 _state = _State()
-_local = threading.local()  # .paused: inside on_host()
+_local = threading.local()  # .host: inside on_host(); .raw: the mode's own copies, unchecked
+_TAG = "_pocketlm_on_device"  # attribute set on device tensors while the mode runs
 
 
 def active() -> bool:
@@ -63,17 +72,43 @@ def active() -> bool:
 
 @contextlib.contextmanager
 def on_host() -> Iterator[None]:
-    """Work that runs on the host by design: the rules do not apply to it (this thread only)."""
-    before = getattr(_local, "paused", False)
-    _local.paused = True
+    """Work that runs on the host by design: ops on host tensors only are exempt from the rules in
+    this block (this thread only); ops on device tensors and copies to the device are still checked."""
+    before = getattr(_local, "host", False)
+    _local.host = True
     try:
         yield
     finally:
-        _local.paused = before
+        _local.host = before
 
 
-def _checking() -> bool:
-    return _state.depth > 0 and not getattr(_local, "paused", False)
+def _in_host_block() -> bool:
+    return getattr(_local, "host", False)
+
+
+def _raw() -> bool:
+    return getattr(_local, "raw", False)
+
+
+@contextlib.contextmanager
+def _unchecked() -> Iterator[None]:
+    before = _raw()
+    _local.raw = True
+    try:
+        yield
+    finally:
+        _local.raw = before
+
+
+def on_device(t: torch.Tensor) -> bool:
+    """Whether the mode counts `t` as a device tensor (see the module docstring)."""
+    return getattr(t, _TAG, False) or isinstance(t, torch.nn.Parameter)
+
+
+def _mark_device(out: Any) -> None:
+    for t in tree_leaves(out):
+        if isinstance(t, torch.Tensor):
+            setattr(t, _TAG, True)
 
 
 def lock_taken(lock: object) -> None:
@@ -145,8 +180,11 @@ class _Mode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if not _checking():
+        if _state.depth == 0 or _raw():
             return func(*args, **kwargs)
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        if _in_host_block() and not any(on_device(t) for t in tensors):
+            return func(*args, **kwargs)  # host work by design
         name = f"aten.{func.overloadpacket.__name__}"
         gap = BY_OP.get(name)
         if gap is not None and gap.applies(args, kwargs):
@@ -154,22 +192,51 @@ class _Mode(TorchDispatchMode):
         if func is torch.ops.aten.copy_.default and (kwargs.get("non_blocking") or (len(args) > 2 and args[2])):
             _check_non_blocking(args[1])
         _check_thread()
-        _check_dtypes(func, [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)])
+        _check_dtypes(func, tensors)
         out = func(*args, **kwargs)
         _check_dtypes(func, [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)])
+        _mark_device(out)
         return out
 
 
 _original_to = torch.Tensor.to
+_original_cpu = torch.Tensor.cpu
 _original_run = threading.Thread.run
 
 
 def _checked_to(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    # A same-device .to() returns the tensor itself without an op reaching the dispatch mode, so the
-    # non_blocking rule is checked here, where the caller's intent is still visible.
-    if _checking() and (kwargs.get("non_blocking") or any(a is True for a in args)):
+    """`.to()` under the mode. On the CPU a same-device `.to()` returns the tensor itself without an op
+    reaching the dispatch mode, so copies to the device are checked here, where the caller's intent is
+    still visible, in `on_host()` blocks too."""
+    if _state.depth == 0 or _raw():
+        return _original_to(self, *args, **kwargs)
+    device, _, non_blocking, _ = torch._C._nn._parse_to(*args, **{k: v for k, v in kwargs.items() if k != "copy"})
+    to_host_tensor = bool(args) and isinstance(args[0], torch.Tensor) and not on_device(args[0])
+    if device is None or to_host_tensor:  # a dtype conversion where the tensor is
+        return _original_to(self, *args, **kwargs)
+    if non_blocking:
         _check_non_blocking(self)
-    return _original_to(self, *args, **kwargs)
+    if on_device(self):  # already there: at most a dtype conversion, which the dispatch mode checks
+        return _original_to(self, *args, **kwargs)
+    # A host tensor copied to the device: device work, whichever thread or block it is in.
+    _check_thread()
+    out = _original_to(self, *args, **kwargs)
+    if out is self:  # on MPS the copy is a new tensor; here too, so the host tensor stays a host tensor
+        with _unchecked():
+            out = self.clone()
+    _check_dtypes("Tensor.to(device)", [out])
+    setattr(out, _TAG, True)
+    return out
+
+
+def _checked_cpu(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """`.cpu()` under the mode: of a device tensor, a copy to the host (device work), as on MPS."""
+    if _state.depth == 0 or _raw() or not on_device(self):
+        return _original_cpu(self, *args, **kwargs)
+    _check_thread()
+    out = _original_cpu(self, *args, **kwargs)
+    with _unchecked():
+        return self.clone() if out is self else out
 
 
 def _run_with_rules(self: threading.Thread) -> None:
@@ -184,6 +251,7 @@ class MPSRules:
     def __enter__(self) -> MPSRules:
         if _state.depth == 0:
             torch.Tensor.to = _checked_to  # type: ignore[method-assign]
+            torch.Tensor.cpu = _checked_cpu  # type: ignore[method-assign]
             threading.Thread.run = _run_with_rules  # type: ignore[method-assign]
             _state.unlocked_users.clear()
         _state.depth += 1
@@ -196,5 +264,6 @@ class MPSRules:
         _state.depth -= 1
         if _state.depth == 0:
             torch.Tensor.to = _original_to  # type: ignore[method-assign]
+            torch.Tensor.cpu = _original_cpu  # type: ignore[method-assign]
             threading.Thread.run = _original_run  # type: ignore[method-assign]
             _state.unlocked_users.clear()

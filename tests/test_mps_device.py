@@ -18,7 +18,7 @@ from pocketlm.device import DeviceLock
 from pocketlm.infer.generate import generate
 from pocketlm.model.kv_cache import KVCache
 from pocketlm.infer.sampling import GenConfig
-from pocketlm.model import GPT, GPTConfig
+from pocketlm.model import GPT, GPTConfig, attention
 from pocketlm.train.ddp import DistInfo
 from pocketlm.train.evaluate import evaluate
 from pocketlm.train.loop import train_step
@@ -90,6 +90,58 @@ def test_cached_decoding_to_kv_lengths_33_to_70_matches_cpu():
                 rows.append(out[0, -1].cpu())
         logits[name] = torch.stack(rows)
     torch.testing.assert_close(logits["mps"], logits["cpu"], atol=2e-4, rtol=1e-4)
+
+
+def v1_attention_pair() -> tuple[GPT, GPT]:
+    """v1's attention shape (head_dim 64, 8 heads: the shape MPS runs through its fast vector kernels for
+    up to 8 queries) in a 2-layer model, the same seeded weights on the CPU and on MPS, fp32."""
+    torch.manual_seed(0)
+    v1 = GPTConfig.v1()
+    cfg = GPTConfig.tiny(vocab_size=VOCAB, block_size=128, n_layer=2, n_embd=v1.n_embd, n_head=v1.n_head)
+    assert (cfg.head_dim, cfg.n_head) == (64, 8)
+    cpu = GPT(cfg).eval()
+    return cpu, copy.deepcopy(cpu).to(MPS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_the_sdpa_self_check_passes_at_v1s_shape(dtype):
+    cases = attention.sdpa_self_check(MPS, 64, 8, dtype)
+    assert all(c["ok"] for c in cases), [c for c in cases if not c["ok"]]
+
+
+def test_v1_shaped_cached_decoding_to_kv_lengths_31_to_96_matches_cpu():
+    """One-query decode at v1's head_dim from 30 cached keys: KV lengths 31, 32, 33 ... 64 ... 95, 96,
+    through the cache's strided views (no copy before SDPA from torch 2.13)."""
+    cpu, mps = v1_attention_pair()
+    ids = batch(11, rows=1)["x"][:, :96]
+    logits = {}
+    for name, model, device in (("cpu", cpu, CPU), ("mps", mps, MPS)):
+        cache = KVCache(model.cfg, 1, 96, device, torch.float32)
+        rows = []
+        with torch.inference_mode():
+            model(ids[:, :30].to(device), cache=cache)
+            for pos in range(30, 96):
+                out, _ = model(ids[:, pos:pos + 1].to(device), cache=cache)
+                rows.append(out[0, -1].cpu())
+        logits[name] = torch.stack(rows)
+    assert not any(k[1] == 64 and not ok for k, ok in attention._SDPA_TRUSTED.items())  # no fallback taken
+    torch.testing.assert_close(logits["mps"], logits["cpu"], atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kv_len", [31, 33, 64, 95])
+def test_v1_shaped_blocks_of_8_queries_after_a_filled_cache_match_cpu(kv_len):
+    """8 new tokens after kv_len - 8 cached ones (a boolean mask, MPS's vector kernel), then one more."""
+    cpu, mps = v1_attention_pair()
+    ids = batch(kv_len, rows=1)["x"][:, :kv_len + 1]
+    outs = {}
+    for name, model, device in (("cpu", cpu, CPU), ("mps", mps, MPS)):
+        cache = KVCache(model.cfg, 1, kv_len + 1, device, torch.float32)
+        with torch.inference_mode():
+            model(ids[:, :kv_len - 8].to(device), cache=cache)
+            block, _ = model(ids[:, kv_len - 8:kv_len].to(device), cache=cache)
+            last, _ = model(ids[:, kv_len:].to(device), cache=cache)
+        outs[name] = torch.cat([block[0], last[0]]).cpu()
+    torch.testing.assert_close(outs["mps"], outs["cpu"], atol=2e-4, rtol=1e-4)
 
 
 def test_two_concurrent_generations_match_sequential():

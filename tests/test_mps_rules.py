@@ -44,8 +44,10 @@ def test_float64_on_the_device_path_is_refused(mps_rules):
         torch.zeros((), dtype=torch.float64)
     with pytest.raises(MPSRuleError, match="complex"):
         torch.polar(torch.ones(3), torch.zeros(3))
-    with on_host():  # host work by design is not device work
-        assert losses.double().sum().dtype == torch.float64
+    with on_host():  # host work by design is not device work, once the tensor is on the host
+        assert losses.cpu().double().sum().dtype == torch.float64
+        with pytest.raises(MPSRuleError, match="float64"):  # a device tensor keeps the rules
+            losses.double()
 
 
 def test_non_blocking_copy_from_unpinned_memory_is_refused(mps_rules):
@@ -112,11 +114,13 @@ def test_threads_that_take_turns_under_the_device_lock_pass(mps_rules):
     assert errors == []
 
 
-def test_known_bad_mps_kernels_are_refused(mps_rules):
+def test_known_bad_mps_kernels_are_refused(mps_rules, monkeypatch):
     probs = torch.softmax(torch.rand(100), dim=-1)
     with pytest.raises(MPSRuleError, match="pytorch#192577"):
         torch.multinomial(probs, 1)
     q = torch.rand(1, 5, 2, 8).transpose(1, 2)  # (B, H, S, D) as a view: not contiguous
+    F.scaled_dot_product_attention(q, q, q)  # torch 2.13's MPS kernels take strided q/k/v
+    monkeypatch.setattr("pocketlm.device.TORCH_VERSION", (2, 12))
     with pytest.raises(MPSRuleError, match="pytorch#163597"):
         F.scaled_dot_product_attention(q, q, q)
     F.scaled_dot_product_attention(q.contiguous(), q.contiguous(), q.contiguous())
@@ -145,13 +149,14 @@ def fresh_model(vocab: int) -> GPT:
     return GPT(GPTConfig.tiny(vocab_size=vocab, block_size=64))
 
 
-def test_evaluate_matches_a_host_float64_reference(mps_rules, cache, small_tokenizer):
+def test_evaluate_matches_a_host_float64_reference(cache, small_tokenizer):
     data = PretrainData(cache, {"fineweb_edu": 1.0}, 64, split="val")
     model = fresh_model(small_tokenizer.vocab_size)
     lengths = small_tokenizer.token_byte_lengths()
-    result = evaluate(model, data.val_batches(4, 3), lengths, CPU)
+    with MPSRules():
+        result = evaluate(model, data.val_batches(4, 3), lengths, CPU)
     nats = n = text_nats = text_bytes = 0.0
-    with on_host(), torch.no_grad():  # the old float64 computation, as the reference
+    with torch.no_grad():  # the old float64 computation, outside the mode, as the reference
         for b in data.val_batches(4, 3):
             logits, _ = model(b["x"], positions=b["positions"], doc_ids=b["doc_ids"])
             per_token = F.cross_entropy(logits.double().flatten(0, 1), b["y"].flatten(), reduction="none",
@@ -248,3 +253,41 @@ def test_a_cli_run_under_the_environment_variable(tiny_ckpt, monkeypatch, capsys
     monkeypatch.setattr("pocketlm.infer.sampling.is_mps", lambda device: False)  # sampling back on the device
     assert main(args) == 1
     assert "pytorch/pytorch#192577" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_a_device_copy_in_the_prefetch_thread_fails(mps_rules, cache, tmp_path, monkeypatch):
+    """on_host() exempts host tensors only: the prefetcher's worker copying a batch to the device, unlocked,
+    while the main thread trains is device work from two threads at once."""
+    from pocketlm.device import to_device
+    from pocketlm.train import loop
+
+    real = loop.micro_batches
+
+    def on_the_device(data, step, micro_batch, accum, rank=0, world=1):
+        return [{k: to_device(v, CPU) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+                for b in real(data, step, micro_batch, accum, rank, world)]
+    monkeypatch.setattr(loop, "micro_batches", on_the_device)
+    cfg = TrainConfig(name="m", runs_dir=str(tmp_path), cache=str(cache), model="tiny", seq_len=64, micro_batch=2,
+                      accum_steps=1, pretrain_steps=6, lr=3e-3, warmup_steps=1, eval_every=6, eval_batches=1,
+                      log_every=2, sample_tokens=0, device="cpu", precision="fp32",
+                      pretrain_mix=("fineweb_edu=1.0",), eval_sources=())
+    with pytest.raises(MPSRuleError, match="pytorch#197805") as caught:
+        train(cfg, pipeline="pretrain")
+    print(str(caught.value).splitlines()[0])
+
+
+def test_a_non_blocking_copy_of_the_sampled_id_fails(mps_rules, tiny_model, monkeypatch):
+    """The id drawn on the host goes back to the device asynchronously from unpinned memory: refused,
+    though the copy is made inside sampling's on_host() block."""
+    from pocketlm.infer.sampling import filtered_logits
+
+    def sample_with_async_copy(logits, cfg, generator):
+        probs = torch.softmax(filtered_logits(logits, cfg), dim=-1)
+        host = probs.cpu()
+        with on_host():
+            return torch.multinomial(host, 1, generator=generator)[0].to(logits.device, non_blocking=True)
+    monkeypatch.setattr("pocketlm.infer.generate.sample_next", sample_with_async_copy)
+    model, tok = tiny_model
+    with pytest.raises(MPSRuleError, match="pytorch#139550") as caught:
+        list(generate(model, tok, tok.encode("Once upon a time"), GEN_CONFIG))
+    print(str(caught.value).splitlines()[0])

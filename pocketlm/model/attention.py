@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from pocketlm.device import is_mps
+from pocketlm.device import TORCH_VERSION, is_mps
 from pocketlm.model.config import GPTConfig
 from pocketlm.model.hooks import HookPoint
 from pocketlm.model.norm import RMSNorm
@@ -91,16 +91,12 @@ class CausalSelfAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D) for SDPA
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        mps = is_mps(q.device)
-        if self.explicit() or (mps and not sdpa_trusted(q.device)):
+        if self.explicit() or (is_mps(q.device) and not sdpa_trusted(q.device, self.head_dim, self.n_head, q.dtype)):
             z = self._explicit(q, k, v, is_causal, attn_mask)
         elif isinstance(attn_mask, BlockMask):
             z = flex_attention(q, k, v, block_mask=attn_mask)
-        elif mps:  # MPS SDPA kernels were wrong on non-contiguous q/k/v (pytorch#163597)
-            z = F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous(), attn_mask=attn_mask,
-                                               is_causal=is_causal)
         else:
-            z = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+            z = fused_attention(q, k, v, attn_mask, is_causal)
         z = self.hook_z(z.transpose(1, 2))
         return self.out(z.reshape(B, S, C))
 
@@ -124,36 +120,69 @@ def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_cau
     return pattern @ v
 
 
-_SDPA_TRUSTED: dict[str, bool] = {}  # device -> whether its fused SDPA matched the explicit path
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                    is_causal: bool) -> torch.Tensor:
+    """`F.scaled_dot_product_attention` as the model calls it. q is a transposed view and, with a KV cache,
+    k/v are views of the cache (a prefix of its slots). MPS SDPA read such strided inputs wrongly before
+    torch 2.12/2.13 (pytorch#163597, fixed for the query in 2.9; #181133, fixed by PR #181151 for 2.12):
+    there they are copied first. From 2.13 the kernels take the strides (only the last dim must be dense,
+    which it is), so a decode step no longer copies every layer's whole K/V prefix; `sdpa_trusted` checks
+    exactly this layout on the device at start-up."""
+    if is_mps(q.device) and TORCH_VERSION < (2, 13):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
 
 
-def sdpa_trusted(device: torch.device) -> bool:
-    """Whether the device's fused SDPA agrees with `explicit_attention`: checked once per process on a
-    small input (KV lengths around a multiple of 32, prefill with a mask and single-token decode, where
-    MPS kernels have been wrong: pytorch#163597, PR #169222). When it disagrees, attention takes the
-    explicit path on that device, with a warning."""
-    key = str(device)
+# The self-check's KV lengths: below, above and at multiples of 32 (MPS kernels have been wrong off a
+# multiple of 32: pytorch PR #169222); its short query blocks: one token (decode) and up to 8 (the
+# vector kernels' limit), the shapes where MPS takes its fast kernels for head_dim 64/96/128/256.
+SELF_CHECK_KV_LENGTHS = (31, 33, 64, 95)
+SELF_CHECK_QUERIES = (1, 8)
+_SELF_CHECK_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+_SDPA_TRUSTED: dict[tuple[str, int, int, torch.dtype], bool] = {}  # (device, head_dim, n_head, dtype) -> agrees
+
+
+def sdpa_trusted(device: torch.device, head_dim: int, n_head: int, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the device's fused SDPA agrees with `explicit_attention` at this attention shape and dtype:
+    checked once per process and shape (`sdpa_self_check`). When it disagrees, attention takes the
+    explicit path for that shape, with a warning."""
+    key = (str(device), head_dim, n_head, dtype)
     if key not in _SDPA_TRUSTED:
-        _SDPA_TRUSTED[key] = _sdpa_agrees(device)
-        if not _SDPA_TRUSTED[key]:
+        wrong = [c for c in sdpa_self_check(device, head_dim, n_head, dtype) if not c["ok"]]
+        _SDPA_TRUSTED[key] = not wrong
+        if wrong:
+            cases = ", ".join(f"{c['case']} q={c['queries']} kv={c['kv_len']} (max error {c['max_error']:.3g})"
+                              for c in wrong)
             warnings.warn(f"scaled_dot_product_attention on {device} disagrees with the explicit computation "
-                          f"in torch {torch.__version__}; using the explicit path (slower, correct)", stacklevel=2)
+                          f"at head_dim {head_dim}, {n_head} heads, {dtype} in torch {torch.__version__}: {cases}; "
+                          "using the explicit path (slower, correct)", stacklevel=2)
     return _SDPA_TRUSTED[key]
 
 
-def _sdpa_agrees(device: torch.device) -> bool:
+def sdpa_self_check(device: torch.device, head_dim: int, n_head: int, dtype: torch.dtype = torch.float32,
+                    kv_lengths: tuple[int, ...] = SELF_CHECK_KV_LENGTHS) -> list[dict]:
+    """`fused_attention` against `explicit_attention` in fp32, laid out as the model lays them out (q a
+    transposed view, k/v a prefix of a longer cache), for each KV length: prefill (causal, as many
+    queries as keys), one-query decode (no mask) and a block of up to 8 queries after a filled cache
+    (boolean mask). One dict per case: case, queries, kv_len, max_error, tol, ok."""
     gen = torch.Generator().manual_seed(0)
+    tol = _SELF_CHECK_TOL.get(dtype, 2e-2)
+    slots = max(kv_lengths) + 32  # the cache is longer than any prefix read from it
+    cases = []
     # Without autocast: the first forward (which runs this check) may be inside a training step's.
     with torch.no_grad(), torch.autocast(device.type, enabled=False):
-        for dtype, tol in ((torch.float32, 1e-4), (torch.float16, 2e-2)):
-            for n_keys, n_queries in ((33, 33), (47, 1), (64, 1), (70, 5)):
-                q, k, v = (torch.randn(1, 2, n, 16, generator=gen).to(device, dtype)
-                           for n in (n_queries, n_keys, n_keys))
-                mask = None
-                if n_queries > 1:  # the last n_queries of n_keys positions, causally
+        k_all, v_all = (torch.randn(1, n_head, slots, head_dim, generator=gen).to(device, dtype) for _ in range(2))
+        for n_keys in kv_lengths:
+            k, v = k_all[:, :, :n_keys], v_all[:, :, :n_keys]
+            for case, n_queries in (("prefill", n_keys), *(("decode", min(n, n_keys)) for n in SELF_CHECK_QUERIES)):
+                q = torch.randn(1, n_queries, n_head, head_dim, generator=gen).to(device, dtype).transpose(1, 2)
+                mask, causal = None, case == "prefill"
+                if case == "decode" and n_queries > 1:  # the last n_queries of n_keys positions, causally
                     q_pos = torch.arange(n_keys - n_queries, n_keys, device=device)
                     mask = torch.arange(n_keys, device=device)[None, :] <= q_pos[:, None]
-                fused = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-                if not torch.allclose(fused.float(), explicit_attention(q, k, v, False, mask).float(), atol=tol):
-                    return False
-    return True
+                fused = fused_attention(q, k, v, mask, causal).float()
+                ref = explicit_attention(q.float(), k.float(), v.float(), causal, mask).float()
+                err = float((fused - ref).abs().max())  # NaN compares False below: not ok
+                cases.append({"case": case, "queries": n_queries, "kv_len": n_keys, "max_error": err, "tol": tol,
+                              "ok": err <= tol})
+    return cases

@@ -1,4 +1,4 @@
-"""CLI of the train stage: `pocketlm train`, `eval`, `plan`, `plot` and `quickstart`."""
+"""CLI of the train stage: `pocketlm train`, `eval`, `plan`, `plot`, `quickstart` and `doctor`."""
 
 from __future__ import annotations
 
@@ -73,6 +73,12 @@ def _quickstart(args: argparse.Namespace) -> int:
     return quickstart(args.out, args.data_dir, args.steps, args.device, args.config)
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from pocketlm.train.doctor import doctor_cli
+
+    return doctor_cli(args)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="pretrain and/or fine-tune a model from a token cache")
     p.add_argument("--config", help="TOML file with [train] and [model] tables (e.g. configs/m4_16gb.toml)")
@@ -113,3 +119,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, help="optimizer steps per phase (default: pocketlm/train/quickstart.toml)")
     p.add_argument("--device", default="auto", help="auto | cuda | mps | cpu")
     p.set_defaults(handler=_quickstart)
+
+    p = sub.add_parser("doctor", help="what this machine does with pocketlm, measured, as JSON to paste into an issue")
+    p.add_argument("--config", help="TOML with [train]/[model] (default: configs/m4_16gb.toml if found, else the "
+                                    "TrainConfig defaults)")
+    p.add_argument("--device", default="auto", help="auto | cuda | mps | cpu")
+    p.add_argument("--steps", type=int, default=3, help="timed training steps (after one untimed)")
+    p.add_argument("--micro-batch", type=int, help="rows per step (default: the config's)")
+    p.add_argument("--seq-len", type=int, help="tokens per row (default: the config's)")
+    p.add_argument("--precision", help="auto | fp32 | bf16 | fp16 (default: the config's on its device, else auto)")
+    p.add_argument("--model-preset", choices=("v1", "tiny"), help="model preset instead of the config's model")
+    p.add_argument("--decode-tokens", type=int, default=64, help="tokens of the timed generation")
+    p.add_argument("--prompt-tokens", type=int, default=100, help="prompt length of the timed generation")
+    p.set_defaults(handler=_doctor)
