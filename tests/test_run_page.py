@@ -273,3 +273,19 @@ def test_page_follows_a_run_while_it_trains(cache, tmp_path, live_server):
             expect(page.locator("#now")).to_contain_text("finished", timeout=20_000)
             assert problems == []
             browser.close()
+
+
+def test_serve_run_needs_a_run_folder_and_defaults_to_its_newest_checkpoint(finished_run, tmp_path, capsys):
+    from pocketlm.cli import main
+    from pocketlm.serve.run_page import default_checkpoint
+
+    assert default_checkpoint(finished_run) == finished_run / "pretrain" / "last"
+    assert main(["serve", "--run", str(tmp_path / "missing")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pocketlm: error: --run ") and "config.json" in err and err.count("\n") == 1
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / "config.json").write_text("{}")
+    assert main(["serve", "--run", str(tmp_path / "fresh")]) == 1
+    assert "no checkpoint yet" in capsys.readouterr().err
+    assert main(["serve"]) == 1
+    assert "--ckpt" in capsys.readouterr().err

@@ -94,3 +94,30 @@ def test_tensorboard_event_files_hold_the_metrics(cache, tmp_path):
         got = [(e.step, e.value) for e in events.Scalars(tag)]
         # Event files store float32: the values are metrics.jsonl's, rounded to float32.
         assert got == [(s, float(np.float32(v))) for s, v in points], tag
+
+
+def test_resumed_tensorboard_drops_what_the_killed_run_wrote_past_its_checkpoint(cache, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny(cache, tmp_path, pretrain_steps=40, eval_every=20, tensorboard=True, snapshot_every=0, sample_tokens=0)
+    append = metrics.append
+
+    def die_at_step_30(path, record):  # the checkpoint of step 20 is on disk; lines 25 and 30 are past it
+        append(path, record)
+        if record["kind"] == "train" and record["step"] == 30:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(metrics, "append", die_at_step_30)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, pipeline="pretrain")
+    monkeypatch.setattr(metrics, "append", append)
+    train(cfg, pipeline="pretrain", resume=True)
+
+    run = tmp_path / "snap"
+    events = EventAccumulator(str(run / "tensorboard" / "pretrain"))
+    events.Reload()
+    lines = [r for r in metrics.read(run / "metrics.jsonl") if r["kind"] == "train"]
+    assert [r["step"] for r in lines] == [5, 10, 15, 20, 25, 30, 35, 40]
+    # One value per step, the resumed run's: the killed run's steps 25 and 30 are gone.
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [
+        (r["step"], float(np.float32(r["loss"]))) for r in lines]

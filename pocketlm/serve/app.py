@@ -76,7 +76,8 @@ def create_app(model: torch.nn.Module, tok, model_id: str = "pocketlm", max_acti
         p = next(model.parameters())
         context = model.cfg.block_size
         defaults = {**PAGE_DEFAULTS, "max_tokens": min(PAGE_DEFAULTS["max_tokens"], context // 2)}
-        return {"model": app.state.model_id, "version": __version__, "schema": inspect.SCHEMA, "config": model.cfg.to_dict(),
+        return {"model": app.state.model_id,  # the run page may load another checkpoint of the run
+                "version": __version__, "schema": inspect.SCHEMA, "config": model.cfg.to_dict(),
                 "context": context, "defaults": defaults,
                 "device": str(p.device), "dtype": str(p.dtype).removeprefix("torch."),
                 "vocab_size": tok.vocab_size, "active": len(engine.jobs), "finished": dict(engine.finished)}

@@ -139,8 +139,10 @@ function renderNow() {
     add("precision", last.precision);
   }
   let stopping = "no evaluation yet";
-  if (es.stop) stopping = `stopped early at step ${es.stop.step}: no better validation loss for ${es.stop.stale_evals} evaluations`;
-  else if (es.bestStep !== null) {
+  if (es.stop) {
+    stopping = `stopped early at step ${es.stop.step}: no better validation loss for ${es.stop.stale_evals} ` +
+      "evaluations";
+  } else if (es.bestStep !== null) {
     stopping = `best ${fmt(es.best, 4)} at step ${es.bestStep}; ${es.stale} evaluation(s) without improvement` +
       (patience ? ` of ${patience} allowed` : " (early stopping off)");
   }
@@ -283,7 +285,8 @@ function renderComparison() {
     return span;
   }));
   const order = c.tokens.map((t, i) => i);
-  if ($("cmp-sorted").checked) order.sort((i, j) => Math.abs(c.tokens[j].delta_bits) - Math.abs(c.tokens[i].delta_bits));
+  const change = (i) => Math.abs(c.tokens[i].delta_bits);
+  if ($("cmp-sorted").checked) order.sort((i, j) => change(j) - change(i));
   const head = el("tr", {}, ...["#", "token", `p (A: ${c.a.id})`, `p (B: ${c.b.id})`, "Δ bits (B − A)", ""]
     .map((h) => el("th", {}, h)));
   const rows = order.map((i) => {
@@ -322,7 +325,10 @@ $("cmp-sorted").addEventListener("change", renderComparison);
 function follow() {
   const source = new EventSource("/api/run/stream");
   source.addEventListener("open", () => { $("live").textContent = "live"; $("live").className = "on"; });
-  source.addEventListener("error", () => { $("live").textContent = "disconnected: retrying…"; $("live").className = "off"; });
+  source.addEventListener("error", () => {
+    $("live").textContent = "disconnected: retrying…";
+    $("live").className = "off";
+  });
   source.addEventListener("config", (ev) => { state.config = JSON.parse(ev.data); renderPlan(); scheduleRender(); });
   source.addEventListener("reset", () => { state.records = []; scheduleRender(); });
   source.addEventListener("metrics", (ev) => {
