@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import re
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ CHECKPOINT_KINDS = ("best", "last")
 PHASES = ("pretrain", "sft")
 POLL_S = 0.5  # how often the stream looks at metrics.jsonl (training appends a line every few seconds)
 MODELS_KEPT = 2  # checkpoints kept loaded for comparisons (both sides of the last one)
+_MODELS_LOCK = threading.Lock()  # comparisons run in worker threads: one loads at a time
 STATIC = Path(__file__).parent / "static"
 # What the page may load: only this server's own files (no inline script or style, no eval).
 PAGE_CSP = "default-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
@@ -98,12 +100,18 @@ def read_config(run_dir: Path) -> dict | None:
 
 
 def _records(run_dir: Path) -> list[dict]:
-    """The complete lines of metrics.jsonl (a line being written is skipped)."""
+    """The complete lines of metrics.jsonl (a line being written, or one that is not JSON, is skipped)."""
     try:
         data = (run_dir / METRICS_FILE).read_bytes()
     except FileNotFoundError:
         return []
-    return [json.loads(line) for line in data[: data.rfind(b"\n") + 1].splitlines() if line.strip()]
+    out = []
+    for line in data[: data.rfind(b"\n") + 1].splitlines():
+        try:
+            out.append(json.loads(line))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+    return [r for r in out if isinstance(r, dict)]
 
 
 def _inside(run_dir: Path, path: Path) -> bool:
@@ -229,15 +237,18 @@ class CompareRequest(BaseModel):
 def _loaded(app, c: Checkpoint):
     """The checkpoint's model on the server's device, from a small cache keyed by its folder (last/ and
     best/ point at a new folder at every save, so a cached model is never stale)."""
-    cache: OrderedDict = app.state.__dict__.setdefault("run_models", OrderedDict())
-    key = c.path.resolve()
-    if key not in cache:
-        device = next(app.state.model.parameters()).device
-        cache[key] = load_model(key, device)[0]
-        while len(cache) > MODELS_KEPT:
-            cache.popitem(last=False)
-    cache.move_to_end(key)
-    return cache[key]
+    with _MODELS_LOCK:
+        if getattr(app.state, "run_models", None) is None:
+            app.state.run_models = OrderedDict()
+        cache: OrderedDict = app.state.run_models
+        key = c.path.resolve()
+        if key not in cache:
+            device = next(app.state.model.parameters()).device
+            cache[key] = load_model(key, device)[0]
+            while len(cache) > MODELS_KEPT:
+                cache.popitem(last=False)
+        cache.move_to_end(key)
+        return cache[key]
 
 
 def _compare(app, a: Checkpoint, b: Checkpoint, text: str) -> dict:

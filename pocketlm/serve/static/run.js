@@ -130,12 +130,12 @@ function renderNow() {
   const done = last && last.step >= last.steps && phase === phases.at(-1);
   add("phase", phase);
   if (last) {
-    add("step", `${last.step} of ${last.steps}`);
+    add("step", last.steps ? `${last.step} of ${last.steps}` : String(last.step)); // older runs: no plan
     add("train loss", fmt(last.loss));
     add("tokens/s", Math.round(last.tok_per_s).toLocaleString("en"));
     add("ETA", es.stop || done ? "–" : `${duration(eta(train))} (this phase)`);
-    add("memory", `${fmt(last.mem_gib, 2)} GiB`);
-    add("lr", last.lr.toExponential(2));
+    add("memory", typeof last.mem_gib === "number" ? `${fmt(last.mem_gib, 2)} GiB` : "–");
+    add("lr", typeof last.lr === "number" ? last.lr.toExponential(2) : "–");
     add("precision", last.precision);
   }
   let stopping = "no evaluation yet";
