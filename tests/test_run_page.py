@@ -289,3 +289,42 @@ def test_serve_run_needs_a_run_folder_and_defaults_to_its_newest_checkpoint(fini
     assert "no checkpoint yet" in capsys.readouterr().err
     assert main(["serve"]) == 1
     assert "--ckpt" in capsys.readouterr().err
+
+
+def test_stream_follows_appends_partial_lines_and_a_rewrite(finished_run, tmp_path, live_server, sse):
+    import json
+
+    run_dir = tmp_path / "copy"
+    run_dir.mkdir()
+    for name in ("config.json", "metrics.jsonl"):
+        (run_dir / name).write_bytes((finished_run / name).read_bytes())
+    path = run_dir / "metrics.jsonl"
+    records = metrics.read(path)
+    with live_server(run_app(run_dir, finished_run / "pretrain" / "last")) as url:
+        with httpx.stream("GET", f"{url}/api/run/stream", timeout=60) as r:
+            events = sse(r)
+            assert next(events)[0] == "config"
+            assert next(events) == ("metrics", records)
+            extra = {"kind": "train", "step": 31, "phase": "pretrain", "loss": 1.5}
+            line = json.dumps(extra) + "\n"
+            with open(path, "a") as f:
+                f.write(line)
+            assert next(events) == ("metrics", [extra])
+            metrics.truncate_after(path, "pretrain", 10)  # what a resumed run does: a new file, shorter
+            assert next(events) == ("reset", {})
+            assert next(events) == ("metrics", [r for r in records if r["step"] <= 10])
+
+
+def test_tail_sends_only_whole_lines(tmp_path):
+    from pocketlm.serve.run_page import _tail
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2')  # the second line is still being written
+    pos = {"offset": 0, "ident": None}
+    assert _tail(tmp_path, pos) == (['{"step": 1}'], False)
+    assert _tail(tmp_path, pos) == ([], False)
+    with open(path, "a") as f:
+        f.write(', "loss": 3.5}\n')
+    assert _tail(tmp_path, pos) == (['{"step": 2, "loss": 3.5}'], False)
+    path.write_text('{"step": 1}\n')  # rewritten shorter (a resumed run)
+    assert _tail(tmp_path, pos) == (['{"step": 1}'], True)
