@@ -211,7 +211,8 @@ def run_phase(run: RunContext, phase: Phase, model: nn.Module, tokenizer_path: P
 
     def snapshot(val_loss: float) -> None:
         if dist.rank == 0:
-            meta = {"phase": phase.name, "step": step, "val_loss": val_loss, "special_ids": run.tok.special_token_ids()}
+            meta = {"phase": phase.name, "step": step, "val_loss": val_loss, "train_config": config_dict(cfg),
+                    "special_ids": run.tok.special_token_ids()}
             path = save_snapshot(phase_dir, model, tokenizer_path, meta)
             run.record({"kind": "snapshot", "step": step, "phase": phase.name, "val_loss": val_loss,
                         "path": path.relative_to(run.run_dir).as_posix()})
