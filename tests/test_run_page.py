@@ -284,9 +284,9 @@ def test_serve_run_needs_a_run_folder_and_defaults_to_its_newest_checkpoint(fini
     err = capsys.readouterr().err
     assert err.startswith("pocketlm: error: --run ") and "config.json" in err and err.count("\n") == 1
     (tmp_path / "fresh").mkdir()
-    (tmp_path / "fresh" / "config.json").write_text("{}")
+    (tmp_path / "fresh" / "config.json").write_text('{"train": {"eval_every": 250}}')
     assert main(["serve", "--run", str(tmp_path / "fresh")]) == 1
-    assert "no checkpoint yet" in capsys.readouterr().err
+    assert "no checkpoint yet (training saves the first at step 250, its first evaluation)" in capsys.readouterr().err
     assert main(["serve"]) == 1
     assert "--ckpt" in capsys.readouterr().err
 

@@ -52,15 +52,16 @@ def run_serve(args: argparse.Namespace) -> int:
         raise PocketLMError(f"--max-body-bytes {args.max_body_bytes} is too small for any chat; use 1024 or more")
     ckpt = args.ckpt
     if args.run:
-        from pocketlm.serve.run_page import CONFIG_FILE, default_checkpoint
+        from pocketlm.serve.run_page import CONFIG_FILE, default_checkpoint, read_config
 
         if not (Path(args.run) / CONFIG_FILE).is_file():
             raise PocketLMError(f"--run {args.run}: no {CONFIG_FILE} there; pass a run folder (runs/NAME) that "
                                 "pocketlm train has started")
         ckpt = ckpt or default_checkpoint(Path(args.run))
         if ckpt is None:
-            raise PocketLMError(f"--run {args.run}: no checkpoint yet (training writes one at its first evaluation); "
-                                "start serve after it, or pass --ckpt MODEL_DIR")
+            every = (read_config(Path(args.run)) or {}).get("train", {}).get("eval_every", "?")
+            raise PocketLMError(f"--run {args.run}: no checkpoint yet (training saves the first at step {every}, "
+                                "its first evaluation); start serve after it, or pass --ckpt MODEL_DIR")
     elif not ckpt:
         raise PocketLMError("give --ckpt MODEL_DIR (a model to serve), --run runs/NAME (a run to watch), or both")
     # Load before binding the port, so a bad checkpoint fails at start with the loader's message.
