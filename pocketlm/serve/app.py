@@ -19,7 +19,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from pocketlm import __version__
-from pocketlm.serve import inspect, openai_api
+from pocketlm.serve import inspect, openai_api, run_page
 from pocketlm.serve.engine import Engine
 from pocketlm.serve.guard import Guard, GuardConfig
 from pocketlm.serve.prompt import RequestError, error_response
@@ -43,6 +43,7 @@ def create_app(model: torch.nn.Module, tok, model_id: str = "pocketlm", max_acti
     app.state.tokens = TokenTable(tok)
     app.include_router(openai_api.router)
     app.include_router(inspect.router)
+    app.include_router(run_page.router)  # /run: a training run (app.state.run_dir, set by `serve --run`)
     app.add_middleware(Guard, cfg=guard or GuardConfig())
 
     @app.exception_handler(RequestError)
@@ -75,7 +76,8 @@ def create_app(model: torch.nn.Module, tok, model_id: str = "pocketlm", max_acti
         p = next(model.parameters())
         context = model.cfg.block_size
         defaults = {**PAGE_DEFAULTS, "max_tokens": min(PAGE_DEFAULTS["max_tokens"], context // 2)}
-        return {"model": model_id, "version": __version__, "schema": inspect.SCHEMA, "config": model.cfg.to_dict(),
+        return {"model": app.state.model_id,  # the run page may load another checkpoint of the run
+                "version": __version__, "schema": inspect.SCHEMA, "config": model.cfg.to_dict(),
                 "context": context, "defaults": defaults,
                 "device": str(p.device), "dtype": str(p.dtype).removeprefix("torch."),
                 "vocab_size": tok.vocab_size, "active": len(engine.jobs), "finished": dict(engine.finished)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import PurePath
+from pathlib import Path, PurePath
 
 from pocketlm.serve.guard import DEFAULT_MAX_BODY_BYTES
 
@@ -13,7 +13,9 @@ CHECKPOINT_KINDS = ("best", "last")
 
 def register(sub) -> None:
     p = sub.add_parser("serve", help="serve a model: web inspector at /, OpenAI-compatible API under /v1")
-    p.add_argument("--ckpt", required=True, help="a model folder (model.safetensors, model.json, tokenizer.model)")
+    p.add_argument("--ckpt", help="a model folder (model.safetensors, model.json, tokenizer.model); with --run, "
+                                  "default: the run's newest checkpoint")
+    p.add_argument("--run", help="a run folder (runs/NAME), shown live at /run: curves, samples, snapshots")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--device", default="auto", help="auto (cuda > mps > cpu) | cuda | mps | cpu")
@@ -48,12 +50,30 @@ def run_serve(args: argparse.Namespace) -> int:
 
     if args.max_body_bytes < 1024:
         raise PocketLMError(f"--max-body-bytes {args.max_body_bytes} is too small for any chat; use 1024 or more")
+    ckpt = args.ckpt
+    if args.run:
+        from pocketlm.serve.run_page import CONFIG_FILE, default_checkpoint, read_config
+
+        if not (Path(args.run) / CONFIG_FILE).is_file():
+            raise PocketLMError(f"--run {args.run}: no {CONFIG_FILE} there; pass a run folder (runs/NAME) that "
+                                "pocketlm train has started")
+        ckpt = ckpt or default_checkpoint(Path(args.run))
+        if ckpt is None:
+            every = (read_config(Path(args.run)) or {}).get("train", {}).get("eval_every", "?")
+            raise PocketLMError(f"--run {args.run}: no checkpoint yet (training saves the first at step {every}, "
+                                "its first evaluation); start serve after it, or pass --ckpt MODEL_DIR")
+    elif not ckpt:
+        raise PocketLMError("give --ckpt MODEL_DIR (a model to serve), --run runs/NAME (a run to watch), or both")
     # Load before binding the port, so a bad checkpoint fails at start with the loader's message.
-    model, tok, _meta = load_model(args.ckpt, pick_device(args.device))
+    model, tok, _meta = load_model(ckpt, pick_device(args.device))
     guard = GuardConfig(allowed_hosts(args.host, args.allow_host), args.max_body_bytes)
-    name = args.name or model_name(args.ckpt)
+    name = args.name or model_name(str(ckpt))
     app = create_app(model, tok, model_id=name, max_active=args.max_active, guard=guard)
+    if args.run:
+        app.state.run_dir = Path(args.run).resolve()
     print(f"pocketlm serve: {name} on http://{args.host}:{args.port}/ (accepting Host: "
           f"{', '.join(guard.allowed_hosts)})", file=sys.stderr)
+    if args.run:
+        print(f"pocketlm serve: run {app.state.run_dir.name} on http://{args.host}:{args.port}/run", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

@@ -1,12 +1,16 @@
-"""Checkpoints: `runs/NAME/{pretrain,sft}/{best,last}/` = a model folder + `state.pt`.
+"""Checkpoints: `runs/NAME/{pretrain,sft}/{best,last}/` = a model folder + `state.pt`, and snapshots.
 
 Each save writes a fresh hidden folder, then atomically repoints the `best`/`last` symlink at it and
 deletes the old one, so a kill at any moment leaves the previous checkpoint whole. `state.pt` holds
 everything else needed to continue exactly: optimizer, precision (scaler), step, RNG, sampler position.
+
+Snapshots (`{phase}/snapshots/step-NNNNNN/`) are plain model folders in fp16, weights only: a history
+of the model to watch and compare, never resumed from, so they hold no state and cost half the bytes.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import uuid
@@ -17,9 +21,11 @@ import torch
 from torch import nn
 
 from pocketlm import PocketLMError
+from pocketlm.model import GPT
 from pocketlm.model.io import save_model
 
 STATE_FILE = "state.pt"
+SNAPSHOTS = "snapshots"  # {phase}/snapshots/step-NNNNNN/
 
 
 def weights_finite(model: nn.Module) -> bool:
@@ -75,3 +81,25 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def snapshot_interval(every: int, keep: int, steps: int, eval_every: int) -> int:
+    """Evaluations between snapshots in a phase of `steps` steps: `every`, widened so that the phase's
+    evaluations yield at most `keep` snapshots; 0 = none. Fixed by the plan, not by what is on disk, so
+    a resumed phase snapshots at the same steps as an uninterrupted one."""
+    if every <= 0 or keep <= 0:
+        return 0
+    evals = math.ceil(steps / eval_every)
+    return max(every, math.ceil(evals / keep))
+
+
+def save_snapshot(phase_dir: Path, model: nn.Module, tokenizer_path: Path, meta: dict[str, Any]) -> Path:
+    """Write the model's weights in fp16 as the model folder `phase_dir/snapshots/step-NNNNNN`
+    (replacing one a killed run left at that step); returns its path."""
+    # A shell on the meta device takes fp16 CPU copies of the weights: the save never holds a second
+    # fp32 copy of the model (the rotary tables are not saved, so the shell needs none).
+    with torch.device("meta"):
+        shell = GPT(model.cfg)
+    shell.load_state_dict({k: v.detach().to("cpu", torch.float16) for k, v in model.state_dict().items()},
+                          assign=True)
+    return save_model(phase_dir / SNAPSHOTS / f"step-{meta['step']:06d}", shell, tokenizer_path, meta)

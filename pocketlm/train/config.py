@@ -62,6 +62,15 @@ class TrainConfig:
     eval_batches: int = field(default=20, metadata={"help": "validation batches per source"})
     log_every: int = field(default=10, metadata={"help": "steps between metrics lines (each one syncs the device)"})
     sample_tokens: int = field(default=48, metadata={"help": "greedy tokens per sample prompt at each eval; 0 = none"})
+    # Snapshots: weights only, fp16, in {phase}/snapshots/, for watching and comparing how the model changes.
+    # A v1 snapshot is ~68 MB, so 14 per phase keeps a two-phase v1 night under 2 GB (28 x 68 MB = 1.9 GB);
+    # a phase with more evaluations than that keeps one every ceil(evaluations / snapshot_max) instead.
+    snapshot_every: int = field(default=1, metadata={"help": "keep a snapshot every this many evaluations "
+                                                             "(widened to fit snapshot_max); 0 = none"})
+    snapshot_max: int = field(default=14, metadata={"help": "most snapshots a phase keeps"})
+    tensorboard: bool = field(default=False, metadata={"help": "also write the metrics as TensorBoard event files "
+                                                               "in runs/NAME/tensorboard/ (pip install "
+                                                               "'pocketlm[tensorboard]')"})
     # hardware
     device: str = field(default="auto", metadata={"help": "auto (cuda > mps > cpu) | cuda | mps | cpu"})
     precision: str = field(default="auto", metadata={"help": "auto | fp32 | bf16 | fp16"})

@@ -1,4 +1,4 @@
-"""The training loop shared by both phases: accumulate, clip, step, log, evaluate, checkpoint.
+"""The training loop shared by both phases: accumulate, clip, step, log, evaluate, checkpoint, snapshot.
 
 Data indexing: optimizer step s runs accum_steps micro-batches on each of `world` ranks, and micro-batch
 m of rank r is `data.batch(s, micro_batch, rank=r*accum+m, world=world*accum)`. Accumulation slots are
@@ -9,6 +9,8 @@ sampler's position is just the step number.
 from __future__ import annotations
 
 import math
+import resource
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +25,7 @@ from pocketlm import PocketLMError
 from pocketlm.device import to_device
 from pocketlm.format import IGNORE_INDEX
 from pocketlm.train import ddp, metrics
-from pocketlm.train.checkpoint import rng_state, save_checkpoint, set_rng_state
+from pocketlm.train.checkpoint import rng_state, save_checkpoint, save_snapshot, set_rng_state, snapshot_interval
 from pocketlm.train.config import TrainConfig, config_dict, warmup_for
 from pocketlm.train.evaluate import evaluate, greedy_text, pooled
 from pocketlm.train.muon import build_optimizer, set_lr
@@ -51,10 +53,30 @@ class RunContext:
     tok: Any  # pocketlm Tokenizer
     dist: ddp.DistInfo
     log: Callable[[str], None] = print
+    tensorboard: metrics.TensorBoard | None = None  # set by run_phase for its phase when cfg.tensorboard
 
     @property
     def metrics_path(self) -> Path:
         return self.run_dir / "metrics.jsonl"
+
+    def record(self, rec: dict[str, Any]) -> None:
+        """A metrics line (rank 0 only), and its scalars in TensorBoard when asked for."""
+        if self.dist.rank != 0:
+            return
+        metrics.append(self.metrics_path, rec)
+        if self.tensorboard is not None:
+            self.tensorboard.add(rec)
+
+
+def memory_gib(device: torch.device) -> float:
+    """Memory the run holds, in GiB: CUDA's peak allocated tensors, what the MPS driver holds, or the
+    process's peak resident size on a CPU (KiB on Linux, bytes on macOS)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    if device.type == "mps":
+        return torch.mps.driver_allocated_memory() / 2**30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 def micro_batches(data: Any, step: int, micro_batch: int, accum: int, rank: int = 0, world: int = 1) -> list[dict]:
@@ -152,8 +174,9 @@ def run_phase(run: RunContext, phase: Phase, model: nn.Module, tokenizer_path: P
               state: dict[str, Any] | None = None) -> float:
     """Train `model` (unwrapped, on run.device) through `phase`, from `state` when resuming.
 
-    Returns the best validation loss. Saves `phase/last` at every evaluation and `phase/best` when
-    the validation loss improves; rank 0 writes, the others wait.
+    Returns the best validation loss. Saves `phase/last` at every evaluation, `phase/best` when
+    the validation loss improves and a snapshot every `snapshot_interval` evaluations; rank 0 writes,
+    the others wait.
     """
     cfg, dist, device = run.cfg, run.dist, run.device
     phase_dir = run.run_dir / phase.name
@@ -172,6 +195,10 @@ def run_phase(run: RunContext, phase: Phase, model: nn.Module, tokenizer_path: P
     chip = device_name(device)
     bar = tqdm(total=phase.steps, initial=step, desc=phase.name, disable=dist.rank != 0, dynamic_ncols=True)
     meter = Meter(device)
+    snap_every = snapshot_interval(cfg.snapshot_every, cfg.snapshot_max, phase.steps, cfg.eval_every)
+    if cfg.tensorboard and dist.rank == 0:
+        # purge_step: a resumed phase hides the events a killed run wrote past its checkpoint.
+        run.tensorboard = metrics.TensorBoard(run.run_dir, phase.name, purge_step=step + 1 if state else None)
 
     def save(kind: str, val_loss: float) -> None:
         if dist.rank == 0:
@@ -180,6 +207,15 @@ def run_phase(run: RunContext, phase: Phase, model: nn.Module, tokenizer_path: P
             st = {"optimizer": opt.state_dict(), "precision": prec.state_dict(), "step": step,
                   "best_val": best, "stale_evals": stale, "rng": rng_state(), "data_position": step, "config": config_dict(cfg)}
             save_checkpoint(phase_dir, kind, model, tokenizer_path, meta, st)
+        ddp.barrier(dist)
+
+    def snapshot(val_loss: float) -> None:
+        if dist.rank == 0:
+            meta = {"phase": phase.name, "step": step, "val_loss": val_loss, "train_config": config_dict(cfg),
+                    "special_ids": run.tok.special_token_ids()}
+            path = save_snapshot(phase_dir, model, tokenizer_path, meta)
+            run.record({"kind": "snapshot", "step": step, "phase": phase.name, "val_loss": val_loss,
+                        "path": path.relative_to(run.run_dir).as_posix()})
         ddp.barrier(dist)
 
     # Each rank builds its own micro-batches of the next steps while this one trains.
@@ -209,7 +245,8 @@ def run_phase(run: RunContext, phase: Phase, model: nn.Module, tokenizer_path: P
             if step % cfg.log_every == 0 or evaluating:
                 first = step - meter.steps + 1  # the line's first step
                 rec = {"kind": "train", "step": step, "phase": phase.name, "lr": lr, **meter.read(dist),
-                       "precision": prec.mode}
+                       "precision": prec.mode, "steps": phase.steps, "mem_gib": memory_gib(device),
+                       "time": time.time()}
                 if rec.pop("nonfinite"):
                     last = phase_dir / "last"
                     raise PocketLMError(
@@ -218,8 +255,7 @@ def run_phase(run: RunContext, phase: Phase, model: nn.Module, tokenizer_path: P
                         "lower --lr or --grad-clip and resume from it")
                 peak = peak_flops(chip, prec.mode)
                 rec["mfu"] = rec["tok_per_s"] * fpt / (peak * dist.world) if peak else None
-                if dist.rank == 0:
-                    metrics.append(run.metrics_path, rec)
+                run.record(rec)
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{rec['tok_per_s']:,.0f}",
                                 mfu="unknown" if rec["mfu"] is None else f"{100 * rec['mfu']:.1f}%")
                 meter.reset()
@@ -230,18 +266,22 @@ def run_phase(run: RunContext, phase: Phase, model: nn.Module, tokenizer_path: P
                     best = val
                     save("best", val)
                 save("last", val)
+                if snap_every and math.ceil(step / cfg.eval_every) % snap_every == 0:
+                    snapshot(val)
                 meter.reset()  # evaluation time is not training throughput
                 if cfg.patience and stale >= cfg.patience and step < phase.steps:
                     run.log(f"{phase.name}: stopped early at step {step} of {phase.steps}: validation loss has not "
                             f"improved on {best:.4f} for {stale} evaluations (patience {cfg.patience}, every "
                             f"{cfg.eval_every} steps); best/ holds the best model")
-                    if dist.rank == 0:
-                        metrics.append(run.metrics_path, {"kind": "stop", "step": step, "phase": phase.name,
-                                                          "best_val": best, "stale_evals": stale})
+                    run.record({"kind": "stop", "step": step, "phase": phase.name, "best_val": best,
+                                "stale_evals": stale})
                     break
     finally:
         prefetch.close()  # also on an early stop or an error: no worker outlives the phase
         bar.close()
+        if run.tensorboard is not None:
+            run.tensorboard.close()
+            run.tensorboard = None
     return best
 
 
@@ -256,16 +296,14 @@ def run_eval(run: RunContext, phase: Phase, model: nn.Module, step: int, prec: P
     val = pooled(results[s] for s in phase.judged_by)
     if run.dist.rank == 0:
         for source, r in results.items():
-            metrics.append(run.metrics_path, {"kind": "eval", "step": step, "phase": phase.name, "source": source,
-                                              "loss": r.loss, "bpb": r.bpb, "tokens": r.tokens})
-        metrics.append(run.metrics_path, {"kind": "eval", "step": step, "phase": phase.name, "source": "all",
-                                          "loss": val})
+            run.record({"kind": "eval", "step": step, "phase": phase.name, "source": source, "loss": r.loss,
+                        "bpb": r.bpb, "tokens": r.tokens})
+        run.record({"kind": "eval", "step": step, "phase": phase.name, "source": "all", "loss": val})
         summary = " ".join(f"{s}={r.loss:.3f}/{r.bpb:.3f}bpb" for s, r in results.items())
         run.log(f"[{phase.name} step {step}] val loss {val:.4f} | {summary}")
         for ids in phase.prompts[: 3 if cfg.sample_tokens else 0]:
             prompt, text = run.tok.decode(ids), greedy_text(model, run.tok, ids, cfg.sample_tokens)
-            metrics.append(run.metrics_path, {"kind": "sample", "step": step, "phase": phase.name,
-                                              "prompt": prompt, "text": text})
+            run.record({"kind": "sample", "step": step, "phase": phase.name, "prompt": prompt, "text": text})
             run.log(f"  {prompt!r} -> {text!r}")
     return val
 

@@ -56,8 +56,9 @@ def cache_tokenizer(cache_dir: Path) -> Tokenizer:
 
 
 def print_plan(cfg: TrainConfig, mcfg: GPTConfig, phases: tuple[str, ...], device: torch.device, world: int,
-               log) -> None:
-    """Steps, tokens, passes over each source and an estimated time per phase, with warnings."""
+               log) -> list[str]:
+    """Steps, tokens, passes over each source and an estimated time per phase, with warnings; returns
+    the lines (config.json keeps them for the run page)."""
     from pocketlm.train.plan import n_params
 
     chip = device_name(device)
@@ -65,8 +66,10 @@ def print_plan(cfg: TrainConfig, mcfg: GPTConfig, phases: tuple[str, ...], devic
                                resolve_precision(device, cfg.precision), device.type,
                                cfg.compile if cfg.compile is not None else device.type == "cuda")
     budgets = [phase_budget(cfg, name, world) for name in phases]
-    for line in describe_budget(budgets, speed and speed * world, chip, cfg.patience, cfg.eval_every):
+    lines = describe_budget(budgets, speed and speed * world, chip, cfg.patience, cfg.eval_every)
+    for line in lines:
         log(line)
+    return lines
 
 
 def train(cfg: TrainConfig, model_overrides: dict[str, Any] | None = None, pipeline: str = "pretrain_then_sft",
@@ -83,11 +86,11 @@ def train(cfg: TrainConfig, model_overrides: dict[str, Any] | None = None, pipel
     cfg = resolve_steps(cfg, dist.world)
     run = RunContext(cfg, run_dir, device, tok, dist, log)
     mcfg = model_config(cfg, model_overrides or {}, tok.vocab_size)
-    print_plan(cfg, mcfg, PIPELINES[pipeline], device, dist.world, log)
+    plan = print_plan(cfg, mcfg, PIPELINES[pipeline], device, dist.world, log)
     if dist.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         resolved = {"train": config_dict(cfg), "model": mcfg.to_dict(), "pipeline": pipeline, "init": init,
-                    "world_size": dist.world, "tokenizer": str(tok.path)}
+                    "world_size": dist.world, "tokenizer": str(tok.path), "plan": plan}
         (run_dir / "config.json").write_text(json.dumps(resolved, indent=2) + "\n", encoding="utf-8")
     best = run_dir
     for name in PIPELINES[pipeline]:
