@@ -18,7 +18,7 @@ Rows (median of --repeats runs, interleaved, one warm-up run first; min and max 
 - runc:        llama2.c's `run.c` (CPU only, fp32, OpenMP with --threads): the same shape, prompt-len +
                new-tokens positions from BOS, its own 'achieved tok/s' (bench/llama2c.py).
 Without --ckpt the weights are random: timings do not depend on the values, and a stand-in
-tokenizer whose end-of-turn id is never sampled keeps every run at exactly --new-tokens tokens.
+tokenizer (`IdTokens`) that never ends the text keeps every run at exactly --new-tokens tokens.
 """
 
 from __future__ import annotations
@@ -40,27 +40,13 @@ from bench.hf_peer import hf_llama  # noqa: E402
 from pocketlm.infer import graph_decode  # noqa: E402
 from pocketlm.infer.config import StatsRequest  # noqa: E402
 from pocketlm.infer.generate import generate  # noqa: E402
+from pocketlm.infer.op_count import IdTokens  # noqa: E402
 from pocketlm.infer.sampling import GenConfig  # noqa: E402
 from pocketlm.infer.stats import token_stats  # noqa: E402
 from pocketlm.model.kv_cache import KVCache  # noqa: E402
 from pocketlm.model.config import GPTConfig  # noqa: E402
 from pocketlm.model.gpt_v1 import GPT  # noqa: E402
 from pocketlm.device import pick_device  # noqa: E402
-
-
-class StandInTokenizer:
-    """Just what `generate` needs; eot_id is -1 so a random model never stops early."""
-
-    eot_id = -1
-
-    def __init__(self, vocab_size: int) -> None:
-        self.vocab_size = vocab_size
-
-    def id_to_bytes(self, i: int) -> bytes:
-        return b"x"
-
-    def decode(self, ids: list[int], skip_special: bool = False) -> str:
-        return "x" * len(ids)
 
 
 def sync(device: torch.device) -> None:
@@ -206,7 +192,7 @@ def main() -> None:
     else:
         torch.manual_seed(0)
         model = GPT(GPTConfig.v1() if args.preset == "v1" else GPTConfig.tiny()).to(device).eval()
-        tok = StandInTokenizer(model.cfg.vocab_size)
+        tok = IdTokens(model.cfg.vocab_size)
     model = model.to(dtype)
     prompt = torch.randint(5, tok.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
     n = args.new_tokens

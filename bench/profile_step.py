@@ -25,7 +25,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import results  # noqa: E402
-from bench.decode import StandInTokenizer, sync, via_generate  # noqa: E402
+from bench.decode import sync, via_generate  # noqa: E402
+from pocketlm.infer.op_count import IdTokens, decode_op_counts  # noqa: E402
 from bench.train_step import make_step  # noqa: E402
 from pocketlm.infer.config import StatsRequest  # noqa: E402
 from pocketlm.model import GPT, GPTConfig  # noqa: E402
@@ -96,7 +97,7 @@ def main() -> None:
         torch.manual_seed(0)
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
         model = GPT(cfg).to(device).eval().to(dtype)
-        tok = StandInTokenizer(cfg.vocab_size)
+        tok = IdTokens(cfg.vocab_size)
         prompt = list(range(5, 133))
         stats = StatsRequest() if args.row.endswith("+stats") else None
         accel = args.row.startswith("graph")
@@ -122,6 +123,16 @@ def main() -> None:
     row = {"what": args.what, "label": label, "wall_ms": wall / per, "busy_ms": busy / per,
            "groups_ms": {g: ms / per for g, ms in groups.items()},
            "top": [{"name": n[:120], "ms": ms / per, "calls": c / per} for n, ms, c in top[:10]]}
+    if args.what == "decode" and not accel:
+        # What a token asks of the host beside its GEMVs: aten ops dispatched and host reads
+        # (infer/op_count.py), and on the CPU the op time outside the GEMMs and attention.
+        counts = decode_op_counts(model, tok, prompt, 16, stats)
+        row["ops_per_token"] = counts["ops_per_token"]
+        row["host_reads_per_token"] = counts["host_reads_per_token"]
+        gemm, attn = groups.get("gemm", 0.0) / per, groups.get("attention", 0.0) / per
+        print(f"per token: {counts['ops_per_token']:.0f} aten ops, {counts['host_reads_per_token']:.0f} host reads;"
+              f" GEMM {gemm:.3f} ms, attention {attn:.3f} ms, everything else {wall / per - gemm - attn:.3f} ms"
+              " (wall minus both: the other ops, dispatch and Python)")
     if not args.no_record:
         results.append("profile_step", device, [row])
     print(json.dumps(row))

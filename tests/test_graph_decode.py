@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.decode import StandInTokenizer as Tok  # eot_id -1: a random model never stops early
+from pocketlm.infer.op_count import IdTokens as Tok  # eot_id -1: a random model never stops early
 from pocketlm.infer.config import StatsRequest
 from pocketlm.infer.generate import generate
 from pocketlm.infer.sampling import GenConfig
