@@ -196,7 +196,8 @@ def test_api_applies_frequency_and_presence_penalties(server_url, tiny_model):
     assert plain != r.json()["choices"][0]["message"]["content"]
 
 
-@pytest.mark.parametrize("field,value", [("frequency_penalty", 2.5), ("presence_penalty", -3), ("frequency_penalty", "x")])
+@pytest.mark.parametrize("field,value", [("frequency_penalty", 2.5), ("presence_penalty", -3),
+                                         ("frequency_penalty", "x")])
 def test_api_refuses_out_of_range_penalties(server_url, field, value):
     r = chat(server_url, **{field: value})
     assert r.status_code == 400 and r.json()["error"]["param"] == field
