@@ -223,11 +223,12 @@ def main(argv: list[str] | None = None) -> int:
         args.prompts, args.max_tokens, args.passes_scale = min(args.prompts, 3), min(args.max_tokens, 8), 1e-3
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if "chat" in args.parts or "decoding" in args.parts:
-        if "recipe" not in args.levers:
-            args.levers.insert(0, "recipe")  # the SFT levers start from its pretrained model
+        base, model_over = base_config(args)
         if "chat" not in args.parts:
             args.levers = ["recipe"]
-        base, model_over = base_config(args)
+        # The SFT levers start from the recipe's pretrained model: trained (and judged) first if missing.
+        if "recipe" not in args.levers and not (Path(base.runs_dir) / "recipe" / "sft" / "best").exists():
+            args.levers.insert(0, "recipe")
         run_chat(args, base, model_over)
     if "ablations" in args.parts:
         run_ablations(args)
