@@ -192,7 +192,9 @@ def test_api_applies_frequency_and_presence_penalties(server_url, tiny_model):
     assert r.status_code == 200
     assert r.json()["choices"][0]["message"]["content"] == "".join(s.text for s in want)
     plain = chat(server_url).json()["choices"][0]["message"]["content"]
-    assert chat(server_url, frequency_penalty=0, presence_penalty=0).json()["choices"][0]["message"]["content"] == plain
+    for neutral in (0, None):  # null, as some clients send for "not set", is 0
+        again = chat(server_url, frequency_penalty=neutral, presence_penalty=neutral)
+        assert again.json()["choices"][0]["message"]["content"] == plain
     assert plain != r.json()["choices"][0]["message"]["content"]
 
 

@@ -50,8 +50,9 @@ class ChatCompletionRequest(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     # OpenAI's semantics (infer/sampling.py Penalties): counts of the tokens sampled in this reply.
-    frequency_penalty: float = Field(default=0.0, ge=-PENALTY_RANGE, le=PENALTY_RANGE)
-    presence_penalty: float = Field(default=0.0, ge=-PENALTY_RANGE, le=PENALTY_RANGE)
+    # null, as some clients send for "not set", means 0.
+    frequency_penalty: float | None = Field(default=None, ge=-PENALTY_RANGE, le=PENALTY_RANGE)
+    presence_penalty: float | None = Field(default=None, ge=-PENALTY_RANGE, le=PENALTY_RANGE)
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: bool = False
@@ -90,8 +91,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     try:
         prompt = await run_in_threadpool(chat_prompt, state.tok, body.messages, context)
         cfg = GenConfig(max_new_tokens=max_tokens or context, temperature=body.temperature,
-                        top_p=body.top_p, seed=body.seed, frequency_penalty=body.frequency_penalty,
-                        presence_penalty=body.presence_penalty)
+                        top_p=body.top_p, seed=body.seed, frequency_penalty=body.frequency_penalty or 0.0,
+                        presence_penalty=body.presence_penalty or 0.0)
         # Per-token statistics only when the client asked for logprobs: without them decoding is fastest.
         engine.start(job, prompt, cfg, StatsRequest(top_alternatives=body.top_logprobs or 0) if body.logprobs
                      else None)
