@@ -4,9 +4,9 @@ So the official `openai` client works unchanged. Generation ends on the `<|eot|>
 (`finish_reason: "stop"`) or at `max_tokens` / the context end (`"length"`); the eot token itself is
 never part of the content or the logprobs. `frequency_penalty` and `presence_penalty` count the tokens
 sampled in the reply (the prompt is not counted). Logprobs are the model's own (temperature 1, before
-the penalties and top-p),
-in nats, clamped at -9999.0 (JSON has no -inf). A trailing assistant message is continued: the
-reply carries on from its last word (its `<|eot|>` is left off), so callers can prefill an answer.
+the penalties and top-p), in nats, clamped at -9999.0 (JSON has no -inf). A trailing assistant message
+is continued: the reply carries on from its last word (its `<|eot|>` is left off), so callers can
+prefill an answer.
 An error during a stream ends it with an `{"error": {...}}` chunk and `[DONE]`, as the OpenAI API does.
 """
 
