@@ -48,6 +48,7 @@ def by_hand(logits: list[float], prompt: list[int], sampled: list[int], cfg: Gen
     dict(repeat_penalty=1.5, repeat_last_n=4),  # a window shorter than the prompt
     dict(repeat_penalty=0.7, repeat_last_n=40),  # longer than prompt + reply: unfilled slots count nothing
     dict(repeat_penalty=2.0, repeat_last_n=-1),  # the whole context
+    dict(repeat_penalty=1.2, repeat_last_n=10**6),  # longer than the context: the whole of it
     dict(frequency_penalty=1.25),
     dict(presence_penalty=-0.5),
     ON,

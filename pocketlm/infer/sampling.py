@@ -42,7 +42,8 @@ class Penalties:
         self.one = torch.ones(1, device=device)
         self.window = self.recent = None
         if cfg.repeat_on:
-            n = context if cfg.repeat_last_n == -1 else cfg.repeat_last_n
+            # A generation never holds more than `context` tokens: a longer window is the whole of it.
+            n = context if cfg.repeat_last_n == -1 else min(cfg.repeat_last_n, context)
             last = prompt_ids[-n:]
             self.window = torch.tensor([vocab] * (n - len(last)) + last, dtype=torch.long, device=device)
             self.recent = torch.zeros(vocab + 1, device=device)
