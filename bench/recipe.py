@@ -68,6 +68,8 @@ ABLATIONS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "cosine_not_wsd": ({"schedule": "cosine"}, {}),
     "qk_norm": ({}, {"qk_norm": True}),
     "z_loss_1e-4": ({"z_loss": 1e-4}, {}),
+    "plain_init": ({}, {}),  # normal(0, init_std) everywhere: no 1/sqrt(2L) on residual projections (run_one)
+    "muon_at_adamw_lr": ({"muon_lr": TrainConfig.lr}, {}),  # one LR for both parts, not the (lr, muon_lr) pair
     "no_weight_decay": ({"weight_decay": 0.0}, {}),
     "gutenberg_20pct": ({"pretrain_mix": ("fineweb_edu=0.76", "roam=0.04", "gutenberg=0.2")}, {}),
 }
@@ -87,7 +89,8 @@ class LlamaAsPocket(nn.Module):
         self.cfg = cfg
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, positions: torch.Tensor,
-                doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+                doc_ids: torch.Tensor, return_logits: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # return_logits: train_step's flag for GPT, which can skip forming the logits; these are always formed.
         _, mask = _attention_mask(idx.shape[1], 0, doc_ids, False, idx.device)
         logits = self.hf(input_ids=idx, position_ids=positions, attention_mask=mask).logits.float()
         if targets is None:
@@ -117,6 +120,15 @@ def recipe_config(base: TrainConfig, spec: RunSpec) -> tuple[TrainConfig, dict[s
     return cfg, model_over
 
 
+def plain_init(model: GPT) -> None:
+    """The residual projections re-drawn at the same std as every other matrix (the GPT-2 init's
+    1/sqrt(2L) scaling undone), for the init ablation."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("attn.out.weight", "mlp.down.weight")):
+                nn.init.normal_(p, mean=0.0, std=model.cfg.init_std)
+
+
 def run_one(spec: RunSpec, base: TrainConfig, mcfg: GPTConfig, val: dict[str, PretrainData], device: torch.device,
             tok, evals: int, eval_rows: int, final_batches: int | None = None,
             save_dir: str | None = None) -> dict[str, Any]:
@@ -135,6 +147,8 @@ def run_one(spec: RunSpec, base: TrainConfig, mcfg: GPTConfig, val: dict[str, Pr
         peak, schedule = spec.lr, "cosine"
     else:
         model = GPT(dataclasses.replace(mcfg, **model_over)).to(device)
+        if spec.ablation == "plain_init":
+            plain_init(model)
         opt = build_optimizer(model, cfg, cfg.lr, device)
         peak, schedule = cfg.lr, cfg.schedule
     model.train()

@@ -129,7 +129,7 @@ class PretrainData:
 class _PackedSource:
     """One chat source's split, packed into rows once: conversation spans plus rows of them."""
 
-    def __init__(self, stream: Stream, block_size: int):
+    def __init__(self, stream: Stream, block_size: int, pack: bool = True):
         self.stream = stream
         starts = stream.doc_starts()
         lengths = np.diff(starts)
@@ -141,7 +141,7 @@ class _PackedSource:
         usable = np.flatnonzero(keep > 0)
         self.dropped = len(lengths) - len(usable)
         self.starts, self.keep = starts[usable], keep[usable]
-        self.rows = best_fit_pack(self.keep.tolist(), block_size)
+        self.rows = best_fit_pack(self.keep.tolist(), block_size) if pack else [[i] for i in range(len(self.keep))]
 
     def pack(self, rs: list[int], block_size: int, pad_id: int) -> list[dict[str, np.ndarray]]:
         items = [[(int(self.starts[i]), int(self.starts[i] + self.keep[i])) for i in self.rows[r]] for r in rs]
@@ -151,11 +151,12 @@ class _PackedSource:
 
 
 class SFTData:
-    """Rows of whole conversations (best-fit packed, each attending only to itself), by mixture."""
+    """Rows of whole conversations (best-fit packed, each attending only to itself; `pack=False`: one
+    conversation per row), by mixture."""
 
     def __init__(self, cache_dir: str | Path, sources: Sequence[str] | Mapping[str, float] | None = None,
                  block_size: int = 1024, seed: int | None = None, split: str = "train", *,
-                 tokenizer_hash: str | None = None, verify: Verify = "sha256"):
+                 tokenizer_hash: str | None = None, verify: Verify = "sha256", pack: bool = True):
         _check_args(split, block_size)
         cache = Cache(cache_dir, tokenizer_hash, verify)
         self.block_size, self.split = block_size, split
@@ -169,7 +170,7 @@ class SFTData:
         if not_chat:
             raise PocketLMError(f"sources {', '.join(not_chat)} are pretrain sources in {cache_dir}; "
                                 "SFTData reads sft sources (use PretrainData for documents)")
-        packed = {n: _PackedSource(cache.stream(n, split), block_size) for n in chat if n in weights}
+        packed = {n: _PackedSource(cache.stream(n, split), block_size, pack) for n in chat if n in weights}
         self.dropped = {n: p.dropped for n, p in packed.items()}
         skipped = {n: d for n, d in self.dropped.items() if d}
         if skipped:

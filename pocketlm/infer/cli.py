@@ -11,7 +11,8 @@ import threading
 from pocketlm import PocketLMError
 
 # GenConfig fields offered as flags, with their types; the inspector-only ones live in the server.
-SAMPLING_FLAGS = {"max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float, "seed": int}
+SAMPLING_FLAGS = {"max_new_tokens": int, "temperature": float, "top_k": int, "top_p": float, "seed": int,
+                  "repeat_penalty": float, "repeat_last_n": int}
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:

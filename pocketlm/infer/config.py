@@ -9,6 +9,11 @@ from dataclasses import dataclass, field
 
 from pocketlm import PocketLMError
 
+# The OpenAI API's range for frequency_penalty and presence_penalty.
+PENALTY_RANGE = 2.0
+# llama.cpp does not bound repeat_penalty; past 10 a repeated token is all but banned, so larger is a typo.
+MAX_REPEAT_PENALTY = 10.0
+
 
 @dataclass
 class GenConfig:
@@ -19,6 +24,26 @@ class GenConfig:
     top_k: int = field(default=0, metadata={"help": "sample among the k most likely tokens; 0 = all"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass; 1.0 = off"})
     seed: int | None = field(default=None, metadata={"help": "seed for sampling; None = nondeterministic"})
+    # Penalties on tokens already seen, applied to the logits before temperature, top-k and top-p
+    # (`infer/sampling.py`). Neutral values leave decoding exactly as without them.
+    repeat_penalty: float = field(default=1.0, metadata={
+        "help": "llama.cpp's repeat_penalty: a logit of a token among the last repeat_last_n (prompt "
+                "included) is divided by it when positive, multiplied when not; 1.0 = off"})
+    repeat_last_n: int = field(default=64, metadata={
+        "help": "tokens the repeat penalty looks back over (llama.cpp's); 0 = off, -1 = the whole context"})
+    frequency_penalty: float = field(default=0.0, metadata={
+        "help": "OpenAI's: minus penalty x times the token was generated so far in this reply; -2..2, 0 = off"})
+    presence_penalty: float = field(default=0.0, metadata={
+        "help": "OpenAI's: minus penalty once the token was generated in this reply; -2..2, 0 = off"})
+
+    @property
+    def repeat_on(self) -> bool:
+        return self.repeat_penalty != 1.0 and self.repeat_last_n != 0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty changes the logits (neutral settings take the exact unpenalized path)."""
+        return self.repeat_on or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
     def validate(self) -> None:
         """Raise PocketLMError naming the field at fault."""
@@ -30,6 +55,16 @@ class GenConfig:
             raise PocketLMError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise PocketLMError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 < self.repeat_penalty <= MAX_REPEAT_PENALTY:
+            raise PocketLMError(f"repeat_penalty must be in (0, {MAX_REPEAT_PENALTY:g}] (1.0 = off), "
+                                f"got {self.repeat_penalty}")
+        if self.repeat_last_n < -1:
+            raise PocketLMError(f"repeat_last_n must be -1 (the whole context), 0 (off) or a count of tokens, "
+                                f"got {self.repeat_last_n}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -PENALTY_RANGE <= getattr(self, name) <= PENALTY_RANGE:
+                raise PocketLMError(f"{name} must be in [-{PENALTY_RANGE:g}, {PENALTY_RANGE:g}] (0 = off), "
+                                    f"got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ Two decode paths, the same tokens for greedy decoding:
 - eager: one model forward per token, the way every device runs it;
 - graph (CUDA, `model/accel.py`'s switch): the decode step, sampling and statistics included, is one
   captured CUDA graph replayed per token (`infer/graph_decode.py`). A request that needs hooks (the
-  logit lens, attention entropy, or hooks someone attached to the model) stays eager, and
-  `Generation.path` says why.
+  logit lens, attention entropy, or hooks someone attached to the model) or penalties (repeat,
+  frequency, presence) stays eager, and `Generation.path` says why.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 from pocketlm import PocketLMError
 from pocketlm.infer.config import StatsRequest
 from pocketlm.infer.detok import StreamDecoder
-from pocketlm.infer.sampling import GenConfig, make_generator, sample_next
+from pocketlm.infer.sampling import GenConfig, Penalties, make_generator, sample_next
 from pocketlm.infer.stats import Signals, StatsLayout, TokenStats
 from pocketlm.model.accel import accelerated
 from pocketlm.model.kv_cache import KVCache
@@ -81,11 +81,17 @@ class Generation:
         return next(self._it)
 
 
-def decode_path(model: torch.nn.Module, stats: StatsRequest | None, accel: bool | None) -> str:
+PENALTIES_EAGER = "eager (penalties keep per-request token counts, which the captured graph does not have)"
+
+
+def decode_path(model: torch.nn.Module, stats: StatsRequest | None, accel: bool | None,
+                cfg: GenConfig | None = None) -> str:
     """"graph", "eager", or "eager (why the graph path was not taken)"."""
     device = next(model.parameters()).device
     if not accelerated(device, accel):
         return "eager"
+    if cfg is not None and cfg.penalized:
+        return PENALTIES_EAGER
     if device.type != "cuda":
         return "eager (CUDA graphs need a CUDA device)"
     if stats is not None and stats.needs_hooks:
@@ -109,8 +115,8 @@ def generate(model: torch.nn.Module, tok, prompt_ids: list[int], cfg: GenConfig,
     if not 0 < len(prompt_ids) <= block:
         raise PocketLMError(f"prompt is {len(prompt_ids)} tokens; it must be 1..{block} (the model's context)")
     guard = lock if lock is not None else contextlib.nullcontext()
-    path = decode_path(model, stats, accel)
-    layout = StatsLayout(stats, model.cfg.n_layer, model.cfg.n_head)
+    path = decode_path(model, stats, accel, cfg)
+    layout = StatsLayout(stats, model.cfg.n_layer, model.cfg.n_head, penalized=cfg.penalized)
     vocab = tok.vocab_size
 
     def steps(gen: Generation) -> Iterator[Step]:
@@ -127,6 +133,7 @@ def generate(model: torch.nn.Module, tok, prompt_ids: list[int], cfg: GenConfig,
             with guard:  # all device work holds the lock: MPS crashes with two threads at once (pytorch#197805)
                 rng = make_generator(cfg.seed, param.device)
                 ids = torch.tensor([prompt_ids], dtype=torch.long, device=param.device)
+                penalties = Penalties(cfg, prompt_ids, vocab, block, param.device) if cfg.penalized else None
                 if path != "graph":
                     # The last token is never fed back, so prompt + max_new_tokens positions always suffice.
                     cache = KVCache(model.cfg, 1, min(block, len(prompt_ids) + cfg.max_new_tokens), param.device,
@@ -140,8 +147,14 @@ def generate(model: torch.nn.Module, tok, prompt_ids: list[int], cfg: GenConfig,
                     logits, _ = model(ids, cache=cache)
                     # A vocabulary padded past the tokenizer's ids is cut: those ids could never be decoded.
                     logits = logits[0, -1, :vocab].float()
-                    chosen = sample_next(logits, cfg, rng)
-                    return chosen, chosen.view(1, 1), layout.pack(logits, chosen, signals.compute(vocab)).tolist()
+                    if penalties is None:  # the exact unpenalized path
+                        chosen = sample_next(logits, cfg, rng)
+                        return chosen, chosen.view(1, 1), layout.pack(logits, chosen, signals.compute(vocab)).tolist()
+                    penalized = penalties.apply(logits)
+                    chosen = sample_next(penalized, cfg, rng)
+                    penalties.update(chosen)
+                    host = layout.pack(logits, chosen, signals.compute(vocab), penalized).tolist()
+                    return chosen, chosen.view(1, 1), host
 
             for index in range(cfg.max_new_tokens):
                 t0 = time.perf_counter()

@@ -26,6 +26,9 @@ class TokenStats:
     top: list[tuple[int, float]]  # the most likely tokens: (id, logprob), best first
     lens: list[list[tuple[int, float]]] | None = None  # per layer: (id, prob), best first
     attn_entropy: list[list[float]] | None = None  # per layer, per head: entropy of the last query
+    # With penalties on: the chosen token's logprob after them (temperature 1, before top-k/top-p);
+    # `logprob` stays the model's own.
+    penalized_logprob: float | None = None
 
 
 TOPK_BLOCK = 128  # vocabulary entries per block in `topk_blocked`
@@ -63,16 +66,21 @@ def token_stats(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> torch.Ten
 
 
 class StatsLayout:
-    """The step vector: [chosen id, then, with a request: token stats, logit lens, head entropies]."""
+    """The step vector: [chosen id, then, with a request: token stats, the penalized logprob (with
+    penalties on), logit lens, head entropies]."""
 
-    def __init__(self, req: StatsRequest | None, n_layer: int, n_head: int) -> None:
-        self.req, self.n_layer, self.n_head = req, n_layer, n_head
+    def __init__(self, req: StatsRequest | None, n_layer: int, n_head: int, penalized: bool = False) -> None:
+        self.req, self.n_layer, self.n_head, self.penalized = req, n_layer, n_head, penalized
 
-    def pack(self, logits: torch.Tensor, chosen: torch.Tensor, signals: torch.Tensor | None = None) -> torch.Tensor:
-        """The step's vector on the device; `signals` from `Signals.compute` when the request has any."""
+    def pack(self, logits: torch.Tensor, chosen: torch.Tensor, signals: torch.Tensor | None = None,
+             penalized: torch.Tensor | None = None) -> torch.Tensor:
+        """The step's vector on the device; `signals` from `Signals.compute` when the request has any,
+        `penalized` the logits after the penalties when the layout has them."""
         parts = [chosen.float().reshape(1)]
         if self.req is not None:
             parts.append(token_stats(logits, chosen, self.req.top_alternatives))
+            if self.penalized:
+                parts.append(torch.log_softmax(penalized, dim=-1).gather(0, chosen.reshape(1)))
             if signals is not None:
                 parts.append(signals)
         return torch.cat(parts)
@@ -87,6 +95,8 @@ class StatsLayout:
         stats = TokenStats(logprob=host[1], entropy=host[2],
                            top=[(int(i), lp) for lp, i in zip(host[3:3 + k], host[3 + k:3 + 2 * k])])
         rest = host[3 + 2 * k:]
+        if self.penalized:
+            stats.penalized_logprob, rest = rest[0], rest[1:]
         if req.logit_lens:
             n = self.n_layer * req.lens_top
             probs, ids = rest[:n], rest[n:2 * n]

@@ -15,12 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from pocketlm.infer.generate import Generation, Step
-from pocketlm.infer.config import StatsRequest
+from pocketlm.infer.config import MAX_REPEAT_PENALTY, PENALTY_RANGE, StatsRequest
 from pocketlm.infer.sampling import GenConfig
 from pocketlm.serve.engine import JobResponse
 from pocketlm.serve.prompt import (SEED_MAX, SEED_MIN, Message, RequestError, chat_prompt, check_max_tokens,
                                    check_prompt_length, fitted_chat_prompt)
-from pocketlm.serve.tokens import TokenTable
+from pocketlm.serve.tokens import TokenTable, finite_logprob
 
 SCHEMA = 1
 router = APIRouter()
@@ -37,6 +37,10 @@ class InspectRequest(BaseModel):
     top_k: int = Field(default=0, ge=0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
+    repeat_penalty: float = Field(default=1.0, gt=0.0, le=MAX_REPEAT_PENALTY)
+    repeat_last_n: int = Field(default=64, ge=-1)
+    frequency_penalty: float = Field(default=0.0, ge=-PENALTY_RANGE, le=PENALTY_RANGE)
+    presence_penalty: float = Field(default=0.0, ge=-PENALTY_RANGE, le=PENALTY_RANGE)
     top_alternatives: int = Field(default=5, ge=0, le=20)
     logit_lens: bool = False
     lens_top: int = Field(default=3, ge=1, le=10)
@@ -65,6 +69,8 @@ def token_event(step: Step, table: TokenTable) -> dict:
         data["lens"] = [[{"id": i, "token": table.labels[i], "prob": p} for i, p in layer] for layer in s.lens]
     if s.attn_entropy is not None:
         data["attn_entropy"] = s.attn_entropy
+    if s.penalized_logprob is not None:  # penalties were on: the chosen token's logprob after them
+        data["penalized_logprob"] = finite_logprob(s.penalized_logprob)
     return data
 
 
@@ -94,7 +100,9 @@ async def inspect(body: InspectRequest, request: Request) -> JobResponse:
     try:
         prompt, dropped = await run_in_threadpool(_prompt, state, body, context)
         cfg = GenConfig(max_new_tokens=body.max_tokens or context, temperature=body.temperature, top_k=body.top_k,
-                        top_p=body.top_p, seed=body.seed)
+                        top_p=body.top_p, seed=body.seed, repeat_penalty=body.repeat_penalty,
+                        repeat_last_n=body.repeat_last_n, frequency_penalty=body.frequency_penalty,
+                        presence_penalty=body.presence_penalty)
         stats = StatsRequest(top_alternatives=body.top_alternatives, logit_lens=body.logit_lens,
                              lens_top=body.lens_top, attn_entropy=body.attn_entropy)
         engine.start(job, prompt, cfg, stats)

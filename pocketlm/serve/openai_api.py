@@ -2,9 +2,11 @@
 
 So the official `openai` client works unchanged. Generation ends on the `<|eot|>` id
 (`finish_reason: "stop"`) or at `max_tokens` / the context end (`"length"`); the eot token itself is
-never part of the content or the logprobs. Logprobs are the model's own (temperature 1, before top-p),
-in nats, clamped at -9999.0 (JSON has no -inf). A trailing assistant message is continued: the
-reply carries on from its last word (its `<|eot|>` is left off), so callers can prefill an answer.
+never part of the content or the logprobs. `frequency_penalty` and `presence_penalty` count the tokens
+sampled in the reply (the prompt is not counted). Logprobs are the model's own (temperature 1, before
+the penalties and top-p), in nats, clamped at -9999.0 (JSON has no -inf). A trailing assistant message
+is continued: the reply carries on from its last word (its `<|eot|>` is left off), so callers can
+prefill an answer.
 An error during a stream ends it with an `{"error": {...}}` chunk and `[DONE]`, as the OpenAI API does.
 """
 
@@ -21,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from pocketlm.infer.generate import Step
-from pocketlm.infer.config import StatsRequest
+from pocketlm.infer.config import PENALTY_RANGE, StatsRequest
 from pocketlm.infer.sampling import GenConfig
 from pocketlm.serve.engine import ClientGone, JobResponse
 from pocketlm.serve.prompt import SEED_MAX, SEED_MIN, Message, chat_prompt, check_max_tokens, error_body
@@ -47,6 +49,10 @@ class ChatCompletionRequest(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
+    # OpenAI's semantics (infer/sampling.py Penalties): counts of the tokens sampled in this reply.
+    # null, as some clients send for "not set", means 0.
+    frequency_penalty: float | None = Field(default=None, ge=-PENALTY_RANGE, le=PENALTY_RANGE)
+    presence_penalty: float | None = Field(default=None, ge=-PENALTY_RANGE, le=PENALTY_RANGE)
     stream: bool = False
     stream_options: StreamOptions | None = None
     logprobs: bool = False
@@ -85,7 +91,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     try:
         prompt = await run_in_threadpool(chat_prompt, state.tok, body.messages, context)
         cfg = GenConfig(max_new_tokens=max_tokens or context, temperature=body.temperature,
-                        top_p=body.top_p, seed=body.seed)
+                        top_p=body.top_p, seed=body.seed, frequency_penalty=body.frequency_penalty or 0.0,
+                        presence_penalty=body.presence_penalty or 0.0)
         # Per-token statistics only when the client asked for logprobs: without them decoding is fastest.
         engine.start(job, prompt, cfg, StatsRequest(top_alternatives=body.top_logprobs or 0) if body.logprobs
                      else None)

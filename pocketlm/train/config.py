@@ -43,6 +43,15 @@ class TrainConfig:
     sft_steps: int = field(default=1000, metadata={"help": "optimizer steps of the SFT phase"})
     lr: float = field(default=3e-3, metadata={"help": "peak learning rate (pretrain)"})
     sft_lr: float = field(default=3e-4, metadata={"help": "peak learning rate (SFT)"})
+    # Chat levers (bench/chat_levers.py measures them); the defaults leave training as it was.
+    sft_eot_weight: float = field(default=1.0, metadata={"help": "SFT: loss weight of <|eot|> targets (the token "
+                                                                 "that ends a reply); 1 = as any other token"})
+    sft_pack: bool = field(default=True, metadata={"help": "SFT: best-fit pack several chats per row; false = "
+                                                           "one chat per row (the rest padding)"})
+    midtrain_frac: float = field(default=0.0, metadata={"help": "pretrain: the last fraction of its steps mixes "
+                                                                "SFT chats into each batch; 0 = off"})
+    midtrain_chat_share: float = field(default=0.2, metadata={"help": "share of a midtraining batch's rows drawn "
+                                                                      "from the SFT sources (sft_sources' mixture)"})
     min_lr_frac: float = field(default=0.1, metadata={"help": "final LR as a fraction of the peak"})
     warmup_steps: int | None = field(default=None, metadata={"help": "linear warmup steps; unset: warmup_frac"})
     warmup_frac: float = field(default=0.05, metadata={"help": "warmup as a share of each phase's steps"})

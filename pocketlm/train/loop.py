@@ -85,7 +85,7 @@ def micro_batches(data: Any, step: int, micro_batch: int, accum: int, rank: int 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, batches: list[dict], prec: Precision,
                grad_clip: float, device: torch.device, dist: ddp.DistInfo,
-               z_loss: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+               z_loss: float = 0.0, eot: tuple[int, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over `batches` (this rank's micro-batches), without waiting for the device.
 
     Each micro-batch's mean loss is weighted by its share of the global batch's target tokens, so the
@@ -95,8 +95,10 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, batches: list[dict]
     gradient is not finite changes nothing: GradScaler skips it in fp16, the optimizer's `found_inf`
     in bf16/fp32 (fused AdamW, MuonAdamW), both decided on the device. z_loss > 0 adds
     z_loss * mean(logsumexp(logits)^2) over the targets (keeps the logits' scale in check; the returned
-    loss stays the cross-entropy alone).
+    loss stays the cross-entropy alone). eot = (id, weight): targets equal to id count `weight` times in
+    the token mean (the returned loss stays unweighted).
     """
+    eot_extra = eot[1] - 1.0 if eot is not None else 0.0
     counts = [int((b["y"] != IGNORE_INDEX).sum()) for b in batches]  # CPU tensors: no device sync
     n_global = ddp.all_reduce_count(sum(counts), device, dist)
     loss_share = torch.zeros((), device=device)
@@ -107,8 +109,11 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, batches: list[dict]
                 y = to_device(b["y"], device)
                 # z-loss needs the logits; without it the loss never holds the batch's fp32 logits.
                 logits, loss = model(to_device(b["x"], device), y, positions=to_device(b["positions"], device),
-                                     doc_ids=to_device(b["doc_ids"], device), return_logits=bool(z_loss))
+                                     doc_ids=to_device(b["doc_ids"], device),
+                                     return_logits=bool(z_loss) or bool(eot_extra))
             objective = loss + z_loss * z_penalty(logits, y) if z_loss else loss
+            if eot_extra:
+                objective = objective + eot_extra * eot_loss_sum(logits, y, eot[0]) / max(n, 1)
             # DDP averages gradients over ranks, hence the factor world to get a global token sum.
             prec.scaler.scale(objective * (n * dist.world / n_global)).backward()
         loss_share += loss.detach() * (n / n_global)
@@ -125,6 +130,13 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, batches: list[dict]
         opt.step()
     opt.zero_grad(set_to_none=True)
     return loss_share, grad_norm
+
+
+def eot_loss_sum(logits: torch.Tensor, y: torch.Tensor, eot_id: int) -> torch.Tensor:
+    """Sum of the cross-entropy over the targets equal to `eot_id`, without a host sync."""
+    at = (y == eot_id).float()
+    ce = torch.logsumexp(logits.float(), -1) - logits[..., eot_id].float()
+    return (ce * at).sum()
 
 
 def z_penalty(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -168,6 +180,15 @@ class Meter:
         return {"loss": ddp.all_reduce_float(self.loss, dist) / self.steps, "tok_per_s": self.tokens / dt,
                 "dt_ms": 1000 * dt / self.steps, "skipped": self.skipped, "grad_norm": float(self.grad_norm),
                 "nonfinite": int(self.nonfinite) - self.skipped}  # the ones fp16's scaler did not handle
+
+
+def eot_weighting(cfg: TrainConfig, phase: str, tok: Any) -> tuple[int, float] | None:
+    """(eot id, weight) for train_step when the SFT phase weighs its <|eot|> targets; None otherwise."""
+    if phase != "sft" or cfg.sft_eot_weight == 1.0:
+        return None
+    if not 0.0 <= cfg.sft_eot_weight <= 100.0:
+        raise PocketLMError(f"sft_eot_weight must be in [0, 100] (1 = as any token), got {cfg.sft_eot_weight}")
+    return tok.eot_id, cfg.sft_eot_weight
 
 
 def run_phase(run: RunContext, phase: Phase, model: nn.Module, tokenizer_path: Path,
@@ -227,7 +248,7 @@ def run_phase(run: RunContext, phase: Phase, model: nn.Module, tokenizer_path: P
             set_lr(opt, lr)
             batches = prefetch.get(step)
             loss_share, grad_norm = train_step(train_model, opt, batches, prec, cfg.grad_clip, device, dist,
-                                               cfg.z_loss)
+                                               cfg.z_loss, eot_weighting(cfg, phase.name, run.tok))
             # fp16 reads every step's grad norm to count the skipped steps in a row (the one wait for the
             # device a step on that path; the optimizers skip on the device); bf16/fp32 never wait here:
             # their non-finite steps, skipped on the device, are counted there and stop the run at the

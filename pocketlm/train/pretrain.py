@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from pocketlm import PocketLMError
-from pocketlm.cache.dataset import PretrainData
+from pocketlm.cache.dataset import PretrainData, SFTData
 from pocketlm.cache.shards import Cache
 from pocketlm.train.config import TrainConfig
 from pocketlm.train.loop import Phase
@@ -53,4 +55,41 @@ def pretrain_phase(cfg: TrainConfig, tok, log=print) -> Phase:
     if not judged:
         raise PocketLMError(f"{cache}: none of the pretrain sources {', '.join(mix)} has a validation split to "
                             "judge best/ by; rebuild the cache with a larger val_fraction or more data")
+    if cfg.midtrain_frac > 0:
+        train = midtraining(cfg, train, tok)
     return Phase("pretrain", cfg.pretrain_steps, cfg.lr, train, val, judged, [tok.encode(p) for p in PROMPTS])
+
+
+class MidtrainData:
+    """Pretraining batches whose last steps carry chats: from step `start` on, `share` of each batch's
+    rows (rounded, at least one) come from the SFT data, the rest from the documents, as nanochat's
+    midtraining teaches the chat format and ending a turn before the SFT phase."""
+
+    def __init__(self, docs, chats, start: int, share: float) -> None:
+        self.docs, self.chats, self.start, self.share = docs, chats, start, share
+        self.eot_id = docs.eot_id
+
+    def chat_rows(self, step: int, batch_size: int) -> int:
+        return 0 if step < self.start else min(batch_size, max(1, round(self.share * batch_size)))
+
+    def batch(self, step: int, batch_size: int, rank: int = 0, world: int = 1) -> dict:
+        k = self.chat_rows(step, batch_size)
+        if k == 0:
+            return self.docs.batch(step, batch_size, rank, world)
+        if k == batch_size:
+            return self.chats.batch(step, batch_size, rank, world)
+        a, b = self.docs.batch(step, batch_size - k, rank, world), self.chats.batch(step, k, rank, world)
+        out = {key: torch.cat([a[key], b[key]]) for key in ("x", "y", "positions", "doc_ids")}
+        out["sources"] = list(a["sources"]) + list(b["sources"])
+        return out
+
+
+def midtraining(cfg: TrainConfig, docs: PretrainData, tok) -> MidtrainData:
+    if not 0.0 < cfg.midtrain_frac <= 1.0:
+        raise PocketLMError(f"midtrain_frac must be in [0, 1] (0 = off), got {cfg.midtrain_frac}")
+    if not 0.0 < cfg.midtrain_chat_share <= 1.0:
+        raise PocketLMError(f"midtrain_chat_share must be in (0, 1], got {cfg.midtrain_chat_share}")
+    chats = SFTData(Path(cfg.cache), parse_mix(cfg.sft_sources, "sft_sources"), cfg.seq_len, cfg.seed, "train",
+                    tokenizer_hash=tok.hash, pack=cfg.sft_pack)
+    start = cfg.pretrain_steps - max(1, round(cfg.midtrain_frac * cfg.pretrain_steps))
+    return MidtrainData(docs, chats, start, cfg.midtrain_chat_share)

@@ -21,7 +21,7 @@ PROMPTS = ("What is the capital of France?", "Give me three tips for staying foc
 def sft_phase(cfg: TrainConfig, tok, log=print) -> Phase:
     cache = Path(cfg.cache)
     mix = parse_mix(cfg.sft_sources, "sft_sources")
-    train = SFTData(cache, mix, cfg.seq_len, cfg.seed, "train", tokenizer_hash=tok.hash)
+    train = SFTData(cache, mix, cfg.seq_len, cfg.seed, "train", tokenizer_hash=tok.hash, pack=cfg.sft_pack)
     sources = val_sets(cache, list(mix), "sft", cfg.seq_len, log)
     if not sources:
         raise PocketLMError(f"{cache}: none of the SFT sources {', '.join(mix)} has a validation split; "

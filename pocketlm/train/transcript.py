@@ -93,9 +93,30 @@ def ask_all(ckpt: str | Path, prompts: list[str], max_tokens: int, device: str =
         proc.wait(timeout=30)
 
 
+def ask_model(model, tok, prompts: list[str], max_tokens: int, modes: dict[str, dict] | None = None,
+              decoding: dict | None = None) -> list[Reply]:
+    """The questions of `ask_all` asked in this process (no server), with the same settings the API
+    route uses: each prompt as one user message, seed = the prompt's index, finish_reason "stop" on
+    `<|eot|>` and "length" otherwise. `decoding` adds GenConfig fields (e.g. repeat_penalty) to every mode."""
+    from pocketlm.infer.chat import chat_prompt_ids
+    from pocketlm.infer.generate import generate
+    from pocketlm.infer.sampling import GenConfig
+
+    replies = []
+    for mode, params in (modes or MODES).items():
+        for i, prompt in enumerate(prompts):
+            cfg = GenConfig(max_new_tokens=max_tokens, seed=i, **{"top_p": 1.0, **params, **(decoding or {})})
+            gen = generate(model, tok, chat_prompt_ids(tok, [{"role": "user", "content": prompt}]), cfg)
+            text = "".join(s.text for s in gen if s.id != tok.eot_id)
+            replies.append(Reply(prompt, mode, text, "stop" if gen.finish_reason == "eot" else "length"))
+    return replies
+
+
 def summary(replies: list[Reply]) -> dict[str, dict[str, float]]:
+    """Per decoding mode: replies, the share that ended on `<|eot|>` and the share that loop (repeat a
+    PHRASE_WORDS-word phrase PHRASE_TIMES+ times)."""
     out = {}
-    for mode in MODES:
+    for mode in dict.fromkeys(r.mode for r in replies):
         rs = [r for r in replies if r.mode == mode]
         out[mode] = {"n": len(rs), "ended_on_eot": sum(r.ended for r in rs) / max(1, len(rs)),
                      "repeats_phrase": sum(repeats_phrase(r.text) for r in rs) / max(1, len(rs))}

@@ -73,7 +73,8 @@ const EVENTS = {
   prefill: { v: INT, request_id: STR, n_tokens: INT, ms: NUM, cache_len: INT, cache_bytes: INT, context: INT,
              "dropped?": INT, tokens: [TOKEN] },
   token: { v: INT, ...ENTRY, index: INT, text: STR, entropy: NUM, top: [ENTRY], cache_len: INT, cache_bytes: INT,
-           ms: NUM, "lens?": [[{ id: INT, token: STR, prob: PROB }]], "attn_entropy?": [[NUM]] },
+           ms: NUM, "lens?": [[{ id: INT, token: STR, prob: PROB }]], "attn_entropy?": [[NUM]],
+           "penalized_logprob?": NUM },
   done: { v: INT, finish_reason: oneOf("eot", "length", "cancelled"), new_tokens: INT, prefill_ms: NUM,
           decode_ms: NUM, decode_tok_s: NUM, text: STR },
   error: { v: INT, message: STR },
@@ -189,6 +190,12 @@ function tooltipContent(s) {
     ` id ${s.id} · bytes ${hex(s.bytes)}`, el("br"),
     `p=${s.prob.toFixed(3)} · logprob ${s.logprob.toFixed(2)} · entropy ${s.entropy.toFixed(2)} nats · ` +
     `${s.ms.toFixed(1)} ms · cache ${s.cache_len}`)];
+  // Penalties were on: the chosen token's probability before them (the model's own) and after them.
+  if (s.penalized_logprob !== undefined) {
+    parts.push(el("div", { className: "tt-penalty" },
+      `penalties: p=${s.prob.toFixed(3)} → ${Math.exp(s.penalized_logprob).toFixed(3)} ` +
+      `(logprob ${s.logprob.toFixed(2)} → ${s.penalized_logprob.toFixed(2)})`));
+  }
   const alts = el("table", { className: "alts" }, el("tr", {}, el("th", { colSpan: 2 }, "alternatives")));
   for (const a of s.top) {
     alts.append(el("tr", { className: a.id === s.id ? "chosen" : "" }, el("td", {}, show(a)),
