@@ -105,3 +105,13 @@ def publish_dir(tmp: Path, out: Path) -> None:
     os.replace(out, old)
     os.replace(tmp, out)
     shutil.rmtree(old)
+
+
+def publish_files(tmp: Path, out: Path) -> None:
+    """Move each file of a finished folder into the existing folder `out`, replacing files of the same
+    names and keeping every other file there; `tmp` is removed."""
+    mask = umask()
+    for path in sorted(tmp.iterdir()):
+        plain_mode(path, mask)
+        os.replace(path, out / path.name)
+    tmp.rmdir()

@@ -68,8 +68,9 @@ def test_export_random_model_matches_transformers(small_tokenizer, tmp_path: Pat
     _perturb_norms(model, 0)
     out, hf_model = _export_and_load(model, small_tokenizer, tmp_path)
     assert type(hf_model).__name__ == "LlamaForCausalLM"
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
-                                                    "tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md", "config.json", "generation_config.json", "model.safetensors", "pocketlm-export.json",
+        "tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 4
     _assert_parity(model, hf_model, small_tokenizer.vocab_size, [10, 11, 12])
 

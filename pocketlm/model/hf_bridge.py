@@ -8,6 +8,7 @@ safetensors and tokenizer files are written here directly: transformers is not n
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,13 +18,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pocketlm import PocketLMError
-from pocketlm.files import publish_dir, staging_dir
+from pocketlm.files import publish_dir, publish_files, staging_dir
 from pocketlm.model.config import GPTConfig
 from pocketlm.model.gpt_v1 import GPT
 from pocketlm.model.io import TOKENIZER_FILE, read_model_folder, save_model
+from pocketlm.model.naming import export_name
 from pocketlm.tokenizer.tokenizer_sp import SPECIAL_TOKENS
 
 SYS_PIECE, USR_PIECE, ASST_PIECE, EOT_PIECE = SPECIAL_TOKENS
+# Written into every export folder: it names the files pocketlm wrote, so exporting again into the same
+# folder replaces those and nothing else.
+EXPORT_MANIFEST = "pocketlm-export.json"
+MANIFEST_FORMAT = "pocketlm-export"
 
 # pocketlm's chat layout (tokenizer/chat_template.py) as a Jinja template, for clients that format
 # chats from text: transformers' apply_chat_template, mlx-lm, llama.cpp (embedded in the GGUF).
@@ -169,10 +175,49 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def export_hf(ckpt: str | Path, out: str | Path) -> Path:
-    """Write a LlamaForCausalLM folder (config, weights, tokenizer, generation config) from a model folder."""
+def _model_card(name: str) -> str:
+    """README.md: the model's name in the front matter, where the Hub and llama.cpp's converter read it."""
+    return (f"---\nmodel_name: {json.dumps(name)}\nlibrary_name: transformers\npipeline_tag: text-generation\n"
+            f"tags:\n- pocketlm\n---\n\n# {name}\n\nA pocketlm model as a `LlamaForCausalLM`, with its tokenizer "
+            "and chat template (`<|eot|>` ends a turn).\n")
+
+
+def _earlier_export_files(folder: Path) -> set[str]:
+    """The files an earlier export wrote into `folder`, as its manifest lists them (none without one)."""
+    try:
+        manifest = json.loads((folder / EXPORT_MANIFEST).read_text(encoding="utf-8"))
+        if manifest.get("format") == MANIFEST_FORMAT:
+            names = {f for f in manifest["files"] if isinstance(f, str) and Path(f).name == f and f not in ("", ".", "..")}
+            return names | {EXPORT_MANIFEST}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return set()
+
+
+def export_folder_check(out: Path, force: bool) -> list[str]:
+    """Refuse an `--out` that pocketlm must not replace; returns the files in it that pocketlm did not write."""
+    if out.exists() and not out.is_dir():
+        raise PocketLMError(f"--out {out} is a file; pass a folder to write the export in (a new one, or an earlier "
+                            "export to replace)")
+    if not out.is_dir():
+        return []
+    theirs = sorted(p.name for p in out.iterdir() if p.name not in _earlier_export_files(out))
+    if theirs and not force:
+        shown = ", ".join(theirs[:3]) + (f" and {len(theirs) - 3} more" if len(theirs) > 3 else "")
+        raise PocketLMError(f"--out {out} holds files pocketlm did not write ({shown}); pass a new or empty folder, "
+                            "or add --force to write the export among them (they are kept; files of the same "
+                            "names as the export's are replaced)")
+    return theirs
+
+
+def export_hf(ckpt: str | Path, out: str | Path, name: str | None = None, force: bool = False) -> Path:
+    """Write a LlamaForCausalLM folder (config, weights, tokenizer, generation config, model card) from a model
+    folder. `out` may be new, empty or an earlier export; a folder holding other files needs `force`, and
+    even then only the export's own files are written there."""
+    name = export_name(ckpt, name)
+    out = Path(os.path.abspath(Path(out).expanduser()))  # `--out .` has a name to stage beside
+    export_folder_check(out, force)
     cfg, state, info = read_model_folder(ckpt)
-    out = Path(out).expanduser()
     tmp = staging_dir(out)
     tok_file = Path(ckpt).expanduser() / TOKENIZER_FILE
     eot = _eot_id(tok_file)
@@ -187,7 +232,17 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
         # No BOS, no EOS, no space in front of the text: what converters (llama.cpp's among them) read.
         "add_bos_token": False, "add_eos_token": False, "add_prefix_space": False,
         "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE})
-    publish_dir(tmp, out)
+    (tmp / "README.md").write_text(_model_card(name), encoding="utf-8")
+    files = sorted(p.name for p in tmp.iterdir())
+    _write_json(tmp / EXPORT_MANIFEST, {"format": MANIFEST_FORMAT, "format_version": 1, "name": name,
+                                        "files": files})
+    if not out.is_dir():
+        publish_dir(tmp, out)
+        return out
+    stale = _earlier_export_files(out) - set(files) - {EXPORT_MANIFEST}  # an older export's files
+    publish_files(tmp, out)
+    for f in stale:
+        (out / f).unlink(missing_ok=True)
     return out
 
 
