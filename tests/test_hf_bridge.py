@@ -119,7 +119,7 @@ def test_exported_tokenizer_gives_the_same_ids(small_tokenizer, tmp_path: Path):
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     assert hf_tok.eos_token_id == 4
     for text in ["Hello, world!", "  two spaces\n\ttab and newline\n\n", "emoji 🙂 and 漢字 café",
-                 "<|usr|>What is 2+2?<|eot|><|asst|>4<|eot|>", "1234567 digits"]:
+                 "<|usr|>What is 2+2?<|eot|><|asst|>4<|eot|>", "1234567 digits", "a byte piece's spelling: <0x41>"]:
         ids = small_tokenizer.encode(text, allow_special=True)
         assert hf_tok(text, add_special_tokens=False).input_ids == ids
         assert hf_tok.decode(ids) == text

@@ -30,6 +30,8 @@ SYS_PIECE, USR_PIECE, ASST_PIECE, EOT_PIECE = SPECIAL_TOKENS
 # folder replaces those and nothing else.
 EXPORT_MANIFEST = "pocketlm-export.json"
 MANIFEST_FORMAT = "pocketlm-export"
+# Below the lowest piece score by more than any text's whole path scores: a piece scored so is never chosen.
+_UNREACHABLE_MARGIN = 1e6
 
 # pocketlm's chat layout (tokenizer/chat_template.py) as a Jinja template, for clients that format
 # chats from text: transformers' apply_chat_template, mlx-lm, llama.cpp (embedded in the GGUF).
@@ -141,15 +143,20 @@ def tokenizer_json(model_file: Path) -> dict[str, Any]:
     """A `tokenizers` Unigram description of the sentencepiece model, so AutoTokenizer gives the same ids.
 
     Spaces become U+2581 and the whole text goes through one Viterbi pass (identity normalisation, no
-    dummy prefix), as in sentencepiece; control tokens are added special tokens. Two rare inputs differ
-    from pocketlm's Tokenizer: text spelling a byte piece ("<0x41>") and a literal U+2581.
+    dummy prefix), as in sentencepiece; control tokens are added special tokens. Control, unknown and
+    byte pieces get a score no path of text pieces can lose to, so the Viterbi pass never spells them
+    from text, as in sentencepiece: text "<|eot|>" (with `split_special_tokens=True`) or "<0x41>" is
+    written with ordinary pieces. One rare input differs from pocketlm's Tokenizer: a literal U+2581.
     """
     sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    n = sp.get_piece_size()
+    unreachable = min(sp.get_score(i) for i in range(n) if sp.is_unused(i) or not (
+        sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i))) - _UNREACHABLE_MARGIN
     vocab, added = [], []
-    for i in range(sp.get_piece_size()):
+    for i in range(n):
         piece = sp.id_to_piece(i)
         special = sp.is_control(i) or sp.is_unknown(i)
-        vocab.append([piece, sp.get_score(i)])
+        vocab.append([piece, unreachable if special or sp.is_byte(i) else sp.get_score(i)])
         if special:
             added.append({"id": i, "content": piece, "single_word": False, "lstrip": False, "rstrip": False,
                           "normalized": False, "special": True})
