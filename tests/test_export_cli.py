@@ -138,6 +138,9 @@ def test_export_hf_never_deletes_what_pocketlm_did_not_write(run_dir: Path, tmp_
     after = _tree(folder)
     assert after["notes.txt"] == before["notes.txt"] and after["data/a.csv"] == before["data/a.csv"]
     assert json.loads(after["config.json"])["architectures"] == ["LlamaForCausalLM"]
+    (tmp_path / "odd" / "config.json").mkdir(parents=True)  # a folder where the export writes a file
+    _one_line_error(cli("export", "hf", "--ckpt", ckpt, "--out", str(tmp_path / "odd"), "--force", cwd=run_dir),
+                    "holds a folder named config.json")
     # The folder still holds files pocketlm did not write: exporting there again needs --force again.
     _one_line_error(cli("export", "hf", "--ckpt", ckpt, "--out", str(folder), cwd=run_dir), "notes.txt")
 

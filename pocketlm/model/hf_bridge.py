@@ -30,6 +30,8 @@ SYS_PIECE, USR_PIECE, ASST_PIECE, EOT_PIECE = SPECIAL_TOKENS
 # folder replaces those and nothing else.
 EXPORT_MANIFEST = "pocketlm-export.json"
 MANIFEST_FORMAT = "pocketlm-export"
+EXPORT_FILES = ("README.md", "config.json", "generation_config.json", "model.safetensors", TOKENIZER_FILE,
+                "tokenizer.json", "tokenizer_config.json", EXPORT_MANIFEST)
 # Below the lowest piece score by more than any text's whole path scores: a piece scored so is never chosen.
 _UNREACHABLE_MARGIN = 1e6
 
@@ -209,6 +211,9 @@ def export_folder_check(out: Path, force: bool) -> list[str]:
     if not out.is_dir():
         return []
     theirs = sorted(p.name for p in out.iterdir() if p.name not in _earlier_export_files(out))
+    if in_the_way := [f for f in EXPORT_FILES if (out / f).is_dir() and not (out / f).is_symlink()]:
+        raise PocketLMError(f"--out {out} holds a folder named {in_the_way[0]}, where the export writes a file; "
+                            "pass another folder")
     if theirs and not force:
         shown = ", ".join(theirs[:3]) + (f" and {len(theirs) - 3} more" if len(theirs) > 3 else "")
         raise PocketLMError(f"--out {out} holds files pocketlm did not write ({shown}); pass a new or empty folder, "
@@ -241,6 +246,7 @@ def export_hf(ckpt: str | Path, out: str | Path, name: str | None = None, force:
         "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE})
     (tmp / "README.md").write_text(_model_card(name), encoding="utf-8")
     files = sorted(p.name for p in tmp.iterdir())
+    assert set(files) | {EXPORT_MANIFEST} == set(EXPORT_FILES), files
     _write_json(tmp / EXPORT_MANIFEST, {"format": MANIFEST_FORMAT, "format_version": 1, "name": name,
                                         "files": files})
     if not out.is_dir():
