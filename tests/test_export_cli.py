@@ -82,7 +82,8 @@ def test_model_id_follows_the_typed_path(run_dir: Path, monkeypatch: pytest.Monk
 def test_exports_of_a_symlinked_best_are_named_as_the_server_names_them(run_dir: Path, tmp_path: Path, cli):
     ckpt = "runs/mine/pretrain/best"
     hidden = (run_dir / ckpt).resolve().name
-    assert _pocketlm("export", "gguf", "--ckpt", ckpt, "--out", str(tmp_path / "mine.gguf"), cwd=run_dir).returncode == 0
+    gguf_run = _pocketlm("export", "gguf", "--ckpt", ckpt, "--out", str(tmp_path / "mine.gguf"), cwd=run_dir)
+    assert gguf_run.returncode == 0, gguf_run.stderr
     assert _pocketlm("export", "hf", "--ckpt", ckpt, "--out", str(tmp_path / "hf"), cwd=run_dir).returncode == 0
     reader = gguf.GGUFReader(tmp_path / "mine.gguf")
     field = reader.fields["general.name"]

@@ -196,7 +196,8 @@ def _earlier_export_files(folder: Path) -> set[str]:
     try:
         manifest = json.loads((folder / EXPORT_MANIFEST).read_text(encoding="utf-8"))
         if manifest.get("format") == MANIFEST_FORMAT:
-            names = {f for f in manifest["files"] if isinstance(f, str) and Path(f).name == f and f not in ("", ".", "..")}
+            names = {f for f in manifest["files"]  # plain names only: a manifest never points outside
+                     if isinstance(f, str) and Path(f).name == f and f not in ("", ".", "..")}
             return names | {EXPORT_MANIFEST}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
