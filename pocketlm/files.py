@@ -3,6 +3,10 @@
 Every stage writes through these, so a killed process never leaves a half-written file or folder
 under its real name: a file is written as `NAME.tmp`, fsynced and renamed; a folder is built as
 `NAME.tmp/` and renamed into place.
+
+What they publish gets the mode a plain `open()` or `mkdir()` would give it (0o666 or 0o777 less the
+umask): some writers (safetensors' save_file) write a private 0600 temporary of their own and rename it,
+which would leave a checkpoint unreadable to everyone sharing its folder.
 """
 
 from __future__ import annotations
@@ -13,6 +17,27 @@ import shutil
 from pathlib import Path
 
 READ_BLOCK = 1 << 22  # bytes read at a time when hashing a file
+
+
+def umask() -> int:
+    """The process's umask, read without widening it for other threads even for an instant."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    # No /proc (macOS): os.umask can only be read by setting it; the value set meanwhile is the strictest,
+    # so a file another thread creates in that instant is private rather than open to all.
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def plain_mode(path: Path, mask: int | None = None) -> None:
+    """Give `path` the mode `open()` (a file) or `mkdir()` (a folder) would have created it with."""
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~(umask() if mask is None else mask))
 
 
 class AtomicFile:
@@ -33,6 +58,7 @@ class AtomicFile:
     def close(self) -> dict:
         """Flush, fsync and rename into place; returns {"size", "sha256"} of what was written."""
         self.f.flush()
+        os.fchmod(self.f.fileno(), 0o666 & ~umask())  # a NAME.tmp left by a crash keeps its old mode
         os.fsync(self.f.fileno())
         self.f.close()
         os.replace(self.tmp, self.path)
@@ -64,7 +90,11 @@ def staging_dir(out: Path) -> Path:
 
 
 def publish_dir(tmp: Path, out: Path) -> None:
-    """Rename a finished folder to `out`, replacing any folder there."""
+    """Rename a finished folder to `out`, replacing any folder there; everything in it gets plain modes."""
+    mask = umask()
+    for path in [tmp, *tmp.rglob("*")]:
+        if not path.is_symlink():
+            plain_mode(path, mask)
     if not out.exists():
         os.replace(tmp, out)
         return
@@ -75,3 +105,13 @@ def publish_dir(tmp: Path, out: Path) -> None:
     os.replace(out, old)
     os.replace(tmp, out)
     shutil.rmtree(old)
+
+
+def publish_files(tmp: Path, out: Path) -> None:
+    """Move each file of a finished folder into the existing folder `out`, replacing files of the same
+    names and keeping every other file there; `tmp` is removed."""
+    mask = umask()
+    for path in sorted(tmp.iterdir()):
+        plain_mode(path, mask)
+        os.replace(path, out / path.name)
+    tmp.rmdir()

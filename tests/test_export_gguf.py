@@ -5,6 +5,10 @@ generates pocketlm's greedy reply (f32); f16 and q8_0 report how far their repli
 from __future__ import annotations
 
 import json
+import shlex
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -191,3 +195,44 @@ def test_export_gguf_cli_and_bad_input(tiny_ckpt: Path, tmp_path: Path):
         export_gguf(tiny_ckpt, tmp_path / "x.gguf", "q4")
     assert main(["export", "gguf", "--ckpt", str(tmp_path / "missing"), "--out", str(tmp_path / "y.gguf")]) == 1
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "y.gguf").exists()
+
+
+def _readme_llama_cpp_line() -> str:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    return next(line for line in readme.splitlines() if line.startswith('python -c "from llama_cpp import Llama'))
+
+
+def _run_readme_line(folder: Path) -> subprocess.CompletedProcess:
+    """The README's llama.cpp line as a user runs it, in `folder` (which holds mine.gguf)."""
+    args = shlex.split(_readme_llama_cpp_line())
+    assert args[:2] == ["python", "-c"]
+    return subprocess.run([sys.executable, "-c", args[2]], cwd=folder, capture_output=True, text=True, timeout=300)
+
+
+def test_readme_llama_cpp_line_warns_only_below_a_multiple_of_256(llama_cpp, gguf_files, small_tokenizer,
+                                                                   tmp_path: Path):
+    """llama.cpp rounds every context up to a multiple of 256, whatever n_ctx asks for (0 means the model's
+    own), and warns when that exceeds the model's: as the README says, a 256-multiple context loads
+    without a word on stderr, the quickstart's 128 with that one warning."""
+    from pocketlm.model import GPT, GPTConfig
+    from pocketlm.model.io import save_model
+
+    (tmp_path / "256").mkdir()
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.tiny(vocab_size=small_tokenizer.vocab_size, block_size=256))
+    ckpt = save_model(tmp_path / "ckpt256", model, small_tokenizer.path, {})
+    export_gguf(ckpt, tmp_path / "256" / "mine.gguf", "f32")
+    run = _run_readme_line(tmp_path / "256")
+    assert run.returncode == 0 and run.stderr == "", run.stderr
+
+    (tmp_path / "128").mkdir()
+    shutil.copyfile(gguf_files["f32"], tmp_path / "128" / "mine.gguf")
+    run = _run_readme_line(tmp_path / "128")
+    assert run.returncode == 0, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and "n_ctx_train (128)" in lines[0] and "overflow" in lines[0], run.stderr
+    assert run.stdout.strip()
+    # The warning is true: llama.cpp's context is 256 for this model, and nothing stops a reply at 128.
+    llm = _load(llama_cpp, gguf_files["f32"])
+    assert (llm.n_ctx(), llm._model.n_ctx_train(), int(llm.metadata["llama.context_length"])) == (256, 128, 128)

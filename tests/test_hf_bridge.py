@@ -68,8 +68,9 @@ def test_export_random_model_matches_transformers(small_tokenizer, tmp_path: Pat
     _perturb_norms(model, 0)
     out, hf_model = _export_and_load(model, small_tokenizer, tmp_path)
     assert type(hf_model).__name__ == "LlamaForCausalLM"
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
-                                                    "tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md", "config.json", "generation_config.json", "model.safetensors", "pocketlm-export.json",
+        "tokenizer.json", "tokenizer.model", "tokenizer_config.json"]
     assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == 4
     _assert_parity(model, hf_model, small_tokenizer.vocab_size, [10, 11, 12])
 
@@ -118,7 +119,7 @@ def test_exported_tokenizer_gives_the_same_ids(small_tokenizer, tmp_path: Path):
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)
     assert hf_tok.eos_token_id == 4
     for text in ["Hello, world!", "  two spaces\n\ttab and newline\n\n", "emoji 🙂 and 漢字 café",
-                 "<|usr|>What is 2+2?<|eot|><|asst|>4<|eot|>", "1234567 digits"]:
+                 "<|usr|>What is 2+2?<|eot|><|asst|>4<|eot|>", "1234567 digits", "a byte piece's spelling: <0x41>"]:
         ids = small_tokenizer.encode(text, allow_special=True)
         assert hf_tok(text, add_special_tokens=False).input_ids == ids
         assert hf_tok.decode(ids) == text

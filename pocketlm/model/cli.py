@@ -11,12 +11,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     exp_fmt = exp.add_subparsers(dest="format", metavar="FORMAT", required=True)
     p = exp_fmt.add_parser("hf", help="write a LlamaForCausalLM folder (transformers can load it)")
     p.add_argument("--ckpt", required=True, help="pocketlm model folder, e.g. runs/x/sft/best")
-    p.add_argument("--out", required=True, help="folder to write (replaced if it exists)")
+    p.add_argument("--out", required=True,
+                   help="folder to write: new, empty, or an earlier export (replaced); any other folder needs --force")
+    p.add_argument("--name", help="the model's name in the export (default: as `pocketlm serve` names it, "
+                                  "e.g. mine-sft-best for runs/mine/sft/best)")
+    p.add_argument("--force", action="store_true",
+                   help="write into a folder that holds other files: they are kept, files named as the export's "
+                        "are replaced")
     p.set_defaults(handler=_export_hf)
     p = exp_fmt.add_parser("gguf", help="write a .gguf file (llama.cpp, llama-cpp-python, ollama)")
     p.add_argument("--ckpt", required=True, help="pocketlm model folder, e.g. runs/x/sft/best")
-    p.add_argument("--out", required=True, help=".gguf file to write (replaced if it exists)")
+    p.add_argument("--out", required=True, help=".gguf file to write (an earlier GGUF there is replaced)")
     p.add_argument("--dtype", default="f16", help="weight type: f32, f16 or q8_0; norms stay f32 (default: %(default)s)")
+    p.add_argument("--name", help="the model's name (general.name) (default: as `pocketlm serve` names it, "
+                                  "e.g. mine-sft-best for runs/mine/sft/best)")
+    p.add_argument("--force", action="store_true", help="replace an existing file that is not a GGUF")
     p.set_defaults(handler=_export_gguf)
 
     imp = sub.add_parser("import", help="convert a model from another format to a pocketlm model folder")
@@ -30,14 +39,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _export_hf(args: argparse.Namespace) -> int:
     from pocketlm.model.hf_bridge import export_hf
 
-    print(f"wrote {export_hf(args.ckpt, args.out)}")
+    print(f"wrote {export_hf(args.ckpt, args.out, args.name, args.force)}")
     return 0
 
 
 def _export_gguf(args: argparse.Namespace) -> int:
     from pocketlm.model.gguf_export import export_gguf
 
-    print(f"wrote {export_gguf(args.ckpt, args.out, args.dtype)}")
+    print(f"wrote {export_gguf(args.ckpt, args.out, args.dtype, args.name, args.force)}")
     return 0
 
 

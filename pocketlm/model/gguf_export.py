@@ -24,12 +24,15 @@ import sentencepiece as spm
 import torch
 
 from pocketlm import PocketLMError
+from pocketlm.files import plain_mode
 from pocketlm.model.config import GPTConfig
 from pocketlm.model.hf_bridge import CHAT_TEMPLATE, EOT_PIECE, check_llama_shape, to_hf_state_dict
 from pocketlm.model.io import TOKENIZER_FILE, read_model_folder
+from pocketlm.model.naming import export_name
 from pocketlm.tokenizer.tokenizer_sp import _SPACE_MARK
 
 DTYPES = ("f32", "f16", "q8_0")
+GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file
 # SentencePiece scores an unknown character at the lowest piece score minus this (kUnkPenalty).
 _UNK_PENALTY = 10.0
 
@@ -118,25 +121,49 @@ def _tensor_data(name: str, t: torch.Tensor, dtype: str) -> tuple[np.ndarray, An
     return a.astype(np.float16), gguf.GGMLQuantizationType.F16
 
 
-def export_gguf(ckpt: str | Path, out: str | Path, dtype: str = "f16") -> Path:
-    """Write `out` (a .gguf file) from a pocketlm model folder: weights in f32, f16 or q8_0."""
+def _check_out(out: Path, name: str, force: bool) -> None:
+    """Refuse an `--out` that is a folder, or a file other than a GGUF (unless `force`)."""
+    if out.is_dir():
+        raise PocketLMError(f"--out {out} is a folder; pass the .gguf file to write, e.g. --out {out / name}.gguf")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise PocketLMError(f"--out {out}: {parent} is a file, not a folder; pass another path")
+            break
+    if out.exists() and not force:
+        try:
+            with open(out, "rb") as f:
+                magic = f.read(4)
+        except OSError:
+            magic = b""
+        if magic != GGUF_MAGIC:
+            raise PocketLMError(f"--out {out} exists and is not a GGUF file; pass another path, or --force to "
+                                "replace it")
+
+
+def export_gguf(ckpt: str | Path, out: str | Path, dtype: str = "f16", name: str | None = None,
+                force: bool = False) -> Path:
+    """Write `out` (a .gguf file) from a pocketlm model folder: weights in f32, f16 or q8_0. The model is
+    named `name`, by default as the server names it (`runs/mine/sft/best` -> `mine-sft-best`)."""
     try:
         import gguf
     except ImportError as e:
         raise PocketLMError("GGUF export needs the 'gguf' package: pip install 'pocketlm[export]'") from e
     if dtype not in DTYPES:
         raise PocketLMError(f"--dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+    name = export_name(ckpt, name)
+    out = Path(out).expanduser()
+    _check_out(out, name, force)
     cfg, state, _ = read_model_folder(ckpt)
     check_llama_shape(cfg)
     vocab = gguf_vocab(Path(ckpt).expanduser() / TOKENIZER_FILE, cfg.vocab_size)
-    out = Path(out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
     w = gguf.GGUFWriter(str(tmp), "llama")
     try:
-        w.add_name(Path(ckpt).expanduser().resolve().name)
+        w.add_name(name)
         w.add_context_length(cfg.block_size)
         w.add_embedding_length(cfg.n_embd)
         w.add_block_count(cfg.n_layer)
@@ -171,6 +198,7 @@ def export_gguf(ckpt: str | Path, out: str | Path, dtype: str = "f16") -> Path:
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
+        plain_mode(tmp)  # a .tmp left by a killed export keeps its old mode
         os.replace(tmp, out)
     finally:
         w.close()

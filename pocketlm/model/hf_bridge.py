@@ -8,6 +8,7 @@ safetensors and tokenizer files are written here directly: transformers is not n
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,13 +18,22 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pocketlm import PocketLMError
-from pocketlm.files import publish_dir, staging_dir
+from pocketlm.files import publish_dir, publish_files, staging_dir
 from pocketlm.model.config import GPTConfig
 from pocketlm.model.gpt_v1 import GPT
 from pocketlm.model.io import TOKENIZER_FILE, read_model_folder, save_model
+from pocketlm.model.naming import export_name
 from pocketlm.tokenizer.tokenizer_sp import SPECIAL_TOKENS
 
 SYS_PIECE, USR_PIECE, ASST_PIECE, EOT_PIECE = SPECIAL_TOKENS
+# Written into every export folder: it names the files pocketlm wrote, so exporting again into the same
+# folder replaces those and nothing else.
+EXPORT_MANIFEST = "pocketlm-export.json"
+MANIFEST_FORMAT = "pocketlm-export"
+EXPORT_FILES = ("README.md", "config.json", "generation_config.json", "model.safetensors", TOKENIZER_FILE,
+                "tokenizer.json", "tokenizer_config.json", EXPORT_MANIFEST)
+# Below the lowest piece score by more than any text's whole path scores: a piece scored so is never chosen.
+_UNREACHABLE_MARGIN = 1e6
 
 # pocketlm's chat layout (tokenizer/chat_template.py) as a Jinja template, for clients that format
 # chats from text: transformers' apply_chat_template, mlx-lm, llama.cpp (embedded in the GGUF).
@@ -135,15 +145,20 @@ def tokenizer_json(model_file: Path) -> dict[str, Any]:
     """A `tokenizers` Unigram description of the sentencepiece model, so AutoTokenizer gives the same ids.
 
     Spaces become U+2581 and the whole text goes through one Viterbi pass (identity normalisation, no
-    dummy prefix), as in sentencepiece; control tokens are added special tokens. Two rare inputs differ
-    from pocketlm's Tokenizer: text spelling a byte piece ("<0x41>") and a literal U+2581.
+    dummy prefix), as in sentencepiece; control tokens are added special tokens. Control, unknown and
+    byte pieces get a score no path of text pieces can lose to, so the Viterbi pass never spells them
+    from text, as in sentencepiece: text "<|eot|>" (with `split_special_tokens=True`) or "<0x41>" is
+    written with ordinary pieces. One rare input differs from pocketlm's Tokenizer: a literal U+2581.
     """
     sp = spm.SentencePieceProcessor(model_file=str(model_file))
+    n = sp.get_piece_size()
+    unreachable = min(sp.get_score(i) for i in range(n) if sp.is_unused(i) or not (
+        sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i))) - _UNREACHABLE_MARGIN
     vocab, added = [], []
-    for i in range(sp.get_piece_size()):
+    for i in range(n):
         piece = sp.id_to_piece(i)
         special = sp.is_control(i) or sp.is_unknown(i)
-        vocab.append([piece, sp.get_score(i)])
+        vocab.append([piece, unreachable if special or sp.is_byte(i) else sp.get_score(i)])
         if special:
             added.append({"id": i, "content": piece, "single_word": False, "lstrip": False, "rstrip": False,
                           "normalized": False, "special": True})
@@ -169,10 +184,53 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def export_hf(ckpt: str | Path, out: str | Path) -> Path:
-    """Write a LlamaForCausalLM folder (config, weights, tokenizer, generation config) from a model folder."""
+def _model_card(name: str) -> str:
+    """README.md: the model's name in the front matter, where the Hub and llama.cpp's converter read it."""
+    return (f"---\nmodel_name: {json.dumps(name)}\nlibrary_name: transformers\npipeline_tag: text-generation\n"
+            f"tags:\n- pocketlm\n---\n\n# {name}\n\nA pocketlm model as a `LlamaForCausalLM`, with its tokenizer "
+            "and chat template (`<|eot|>` ends a turn).\n")
+
+
+def _earlier_export_files(folder: Path) -> set[str]:
+    """The files an earlier export wrote into `folder`, as its manifest lists them (none without one)."""
+    try:
+        manifest = json.loads((folder / EXPORT_MANIFEST).read_text(encoding="utf-8"))
+        if manifest.get("format") == MANIFEST_FORMAT:
+            names = {f for f in manifest["files"]  # plain names only: a manifest never points outside
+                     if isinstance(f, str) and Path(f).name == f and f not in ("", ".", "..")}
+            return names | {EXPORT_MANIFEST}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return set()
+
+
+def export_folder_check(out: Path, force: bool) -> list[str]:
+    """Refuse an `--out` that pocketlm must not replace; returns the files in it that pocketlm did not write."""
+    if out.exists() and not out.is_dir():
+        raise PocketLMError(f"--out {out} is a file; pass a folder to write the export in (a new one, or an earlier "
+                            "export to replace)")
+    if not out.is_dir():
+        return []
+    theirs = sorted(p.name for p in out.iterdir() if p.name not in _earlier_export_files(out))
+    if in_the_way := [f for f in EXPORT_FILES if (out / f).is_dir() and not (out / f).is_symlink()]:
+        raise PocketLMError(f"--out {out} holds a folder named {in_the_way[0]}, where the export writes a file; "
+                            "pass another folder")
+    if theirs and not force:
+        shown = ", ".join(theirs[:3]) + (f" and {len(theirs) - 3} more" if len(theirs) > 3 else "")
+        raise PocketLMError(f"--out {out} holds files pocketlm did not write ({shown}); pass a new or empty folder, "
+                            "or add --force to write the export among them (they are kept; files of the same "
+                            "names as the export's are replaced)")
+    return theirs
+
+
+def export_hf(ckpt: str | Path, out: str | Path, name: str | None = None, force: bool = False) -> Path:
+    """Write a LlamaForCausalLM folder (config, weights, tokenizer, generation config, model card) from a model
+    folder. `out` may be new, empty or an earlier export; a folder holding other files needs `force`, and
+    even then only the export's own files are written there."""
+    name = export_name(ckpt, name)
+    out = Path(os.path.abspath(Path(out).expanduser()))  # `--out .` has a name to stage beside
+    export_folder_check(out, force)
     cfg, state, info = read_model_folder(ckpt)
-    out = Path(out).expanduser()
     tmp = staging_dir(out)
     tok_file = Path(ckpt).expanduser() / TOKENIZER_FILE
     eot = _eot_id(tok_file)
@@ -187,7 +245,18 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
         # No BOS, no EOS, no space in front of the text: what converters (llama.cpp's among them) read.
         "add_bos_token": False, "add_eos_token": False, "add_prefix_space": False,
         "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE})
-    publish_dir(tmp, out)
+    (tmp / "README.md").write_text(_model_card(name), encoding="utf-8")
+    files = sorted(p.name for p in tmp.iterdir())
+    assert set(files) | {EXPORT_MANIFEST} == set(EXPORT_FILES), files
+    _write_json(tmp / EXPORT_MANIFEST, {"format": MANIFEST_FORMAT, "format_version": 1, "name": name,
+                                        "files": files})
+    if not out.is_dir():
+        publish_dir(tmp, out)
+        return out
+    stale = _earlier_export_files(out) - set(files) - {EXPORT_MANIFEST}  # an older export's files
+    publish_files(tmp, out)
+    for f in stale:
+        (out / f).unlink(missing_ok=True)
     return out
 
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path, PurePath
+from pathlib import Path
 
+from pocketlm.model.naming import model_id
 from pocketlm.serve.guard import DEFAULT_MAX_BODY_BYTES
-
-CHECKPOINT_KINDS = ("best", "last")
 
 
 def register(sub) -> None:
@@ -31,12 +30,8 @@ def register(sub) -> None:
 
 
 def model_name(ckpt: str) -> str:
-    """The model's public id, with no path in it: `runs/mine/sft/best` -> `mine-sft-best`, else the
-    folder's own name. Absolute paths would tell every client where the files live."""
-    parts = [p for p in PurePath(ckpt).parts if p not in ("/", ".", "..")]
-    if len(parts) >= 3 and parts[-1] in CHECKPOINT_KINDS:
-        return "-".join(parts[-3:])
-    return parts[-1] if parts else "pocketlm"
+    """The model's public id, as exports name it (pocketlm/model/naming.py)."""
+    return model_id(ckpt)
 
 
 def run_serve(args: argparse.Namespace) -> int:
