@@ -19,12 +19,13 @@ from typing import NamedTuple
 
 import pytest
 
-from hub.layouts import DOLLY, FINEWEB, GUTENBERG, OASST1, WIKITEXT, build_mirror, build_repos
+from hub.layouts import DOLLY, DOLLY_FILE, FINEWEB, FINEWEB_FILES, GUTENBERG, GUTENBERG_FILE, OASST1, WIKITEXT, build_mirror, build_repos
 from hub.server import Faults, LoopbackHub
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_CLI = Path(__file__).resolve().parent / "hub" / "run_cli.py"
 # One spec per hub source; oasst1's slice holds validation rows only (tests/hub/layouts.py).
+TOKENIZER_SOURCES = ("fineweb_edu", "gutenberg", "dolly", "oasst1:split=validation")
 SPECS = ("fineweb_edu", "dolly", "oasst1:split=validation", "gutenberg", "wikitext")
 CACHE_ARGS = ["--pretrain", "fineweb_edu", "gutenberg", "--eval", "wikitext", "--sft", "dolly",
               "oasst1:split=validation", "--workers", "1", "--val-fraction", "0.1"]
@@ -93,7 +94,7 @@ def shard_files(cache: Path) -> dict[str, bytes]:
 
 def counts_line(spec: str, err: str) -> str:
     """`data show`'s summary line (`SPEC: N records, M characters`) in its stderr."""
-    return next(line for line in err.splitlines() if line.startswith(f"{spec}: "))
+    return next(line for line in err.splitlines() if line.startswith(f"{spec}: ") and " records, " in line)
 
 
 def no_traceback(r: Result) -> None:
@@ -118,25 +119,97 @@ def test_data_show_streams_every_source_from_the_hub_as_the_mirror_reads_it(hub,
         assert any(f"/datasets/{repo}/resolve/" in p for p in reads), (repo, sorted(reads))
 
 
-def test_tokenizer_and_cache_from_the_hub_equal_the_mirror_byte_for_byte(hub, mirror, tmp_path):
-    sources = ["fineweb_edu", "gutenberg", "dolly", "oasst1:split=validation"]
-    tok_hub, tok_mirror = tmp_path / "tok_hub", tmp_path / "tok_mirror"
+@pytest.fixture(scope="module")
+def hub_build(hub_server: LoopbackHub, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tokenizer trained on hub sources and a cache built from the hub with it (no faults), in one folder."""
+    tmp = tmp_path_factory.mktemp("hub_build")
+    hub_server.faults = Faults()
     results = pocketlm(
-        tmp_path, hub_env(tmp_path, hub.url),
-        ["tokenizer", "train", "--sources", *sources, "--vocab-size", "800", "--out", str(tok_hub)],
-        ["tokenizer", "train", "--sources", *sources, "--vocab-size", "800", "--out", str(tok_mirror),
-         "--data-dir", str(mirror)],
-        ["cache", "build", "--tokenizer", str(tok_hub / "tokenizer.model"), "--out", str(tmp_path / "c_hub"),
-         *CACHE_ARGS],
-        ["cache", "build", "--tokenizer", str(tok_hub / "tokenizer.model"), "--out", str(tmp_path / "c_mirror"),
-         "--data-dir", str(mirror), *CACHE_ARGS])
+        tmp, hub_env(tmp, hub_server.url),
+        ["tokenizer", "train", "--sources", *TOKENIZER_SOURCES, "--vocab-size", "800", "--out", str(tmp / "tok")],
+        ["cache", "build", "--tokenizer", str(tmp / "tok" / "tokenizer.model"), "--out", str(tmp / "cache"),
+         *CACHE_ARGS])
     for r in results:
         no_traceback(r)
         assert r.rc == 0, r.err
-    assert (tok_hub / "tokenizer.model").read_bytes() == (tok_mirror / "tokenizer.model").read_bytes()
-    hub_files, mirror_files = shard_files(tmp_path / "c_hub"), shard_files(tmp_path / "c_mirror")
+    return tmp
+
+
+def test_tokenizer_and_cache_from_the_hub_equal_the_mirror_byte_for_byte(hub_build, hub, mirror, tmp_path):
+    results = pocketlm(
+        tmp_path, hub_env(tmp_path, None),  # no endpoint: the mirror path must not touch any hub
+        ["tokenizer", "train", "--sources", *TOKENIZER_SOURCES, "--vocab-size", "800", "--out", str(tmp_path / "tok"),
+         "--data-dir", str(mirror)],
+        ["cache", "build", "--tokenizer", str(hub_build / "tok" / "tokenizer.model"), "--out",
+         str(tmp_path / "cache"), "--data-dir", str(mirror), *CACHE_ARGS])
+    for r in results:
+        no_traceback(r)
+        assert r.rc == 0, r.err
+    assert (hub_build / "tok" / "tokenizer.model").read_bytes() == (tmp_path / "tok" / "tokenizer.model").read_bytes()
+    hub_files, mirror_files = shard_files(hub_build / "cache"), shard_files(tmp_path / "cache")
     assert sorted(hub_files) == sorted(mirror_files)
     assert [k for k in hub_files if hub_files[k] != mirror_files[k]] == []
-    meta_hub, meta_mirror = (json.loads((tmp_path / c / "meta.json").read_text()) for c in ("c_hub", "c_mirror"))
+    meta_hub, meta_mirror = (json.loads((c / "meta.json").read_text()) for c in (hub_build / "cache", tmp_path / "cache"))
     assert meta_hub["sources"] == meta_mirror["sources"]
     assert all(meta_hub["sources"][s]["counts"]["train"]["docs"] > 0 for s in ("fineweb_edu", "dolly"))
+
+
+# --- faults -----------------------------------------------------------------------------------------
+
+def test_cache_built_through_faults_equals_the_clean_one(hub_build, hub, tmp_path):
+    """Each retryable fault, on its own source, in one build: a connection dropped mid-file (dolly),
+    answers slower than the read timeout (gutenberg), 502s (wikitext's README), and an outage that
+    outlasts huggingface_hub's own retries in the middle of a stream (fineweb_edu's second file answers
+    503 to six requests once 16 rows were given): pocketlm reopens the stream and resumes at row 17. The cache is the clean build's, byte for byte."""
+    f = hub.faults
+    f.drop_after(f"/{DOLLY_FILE}", 20_000)
+    f.delay(f"/{GUTENBERG_FILE}", 3.0, method="GET")  # > HF_HUB_DOWNLOAD_TIMEOUT below
+    f.fail_status(f"/{WIKITEXT}/resolve/main/README.md", 502, times=2, method="*")
+    # Only its resolve URL holds the file name. Rows are given in batches of 16 (rows.HUB_ROW_BATCH):
+    # the second batch spans the two files, so the first 16 rows are given before the outage.
+    f.fail_status(f"/{FINEWEB_FILES[1]}", 503, times=6)
+    [r] = pocketlm(tmp_path, hub_env(tmp_path, hub.url, HF_HUB_DOWNLOAD_TIMEOUT="1"),
+                   ["cache", "build", "--tokenizer", str(hub_build / "tok" / "tokenizer.model"), "--out",
+                    str(tmp_path / "cache"), *CACHE_ARGS])
+    no_traceback(r)
+    assert r.rc == 0, r.err
+    assert [fault for fault, _ in f.status + f.drop + f.slow if fault.times] == []  # each one fired
+    assert "fineweb_edu: the hub failed after 16 rows" in r.err and "resuming at row 17" in r.err, r.err
+    assert shard_files(tmp_path / "cache") == shard_files(hub_build / "cache")
+    meta, clean = (json.loads((c / "meta.json").read_text()) for c in (tmp_path / "cache", hub_build / "cache"))
+    assert meta["sources"] == clean["sources"]
+
+
+def one_line_error(r: Result) -> str:
+    no_traceback(r)
+    assert r.rc == 1 and r.out == ""
+    errors = [line for line in r.err.splitlines() if line.startswith("pocketlm: error: ")]
+    assert len(errors) == 1, r.err
+    return errors[0]
+
+
+def test_missing_gated_and_broken_datasets_stop_with_one_line(hub_build, hub, tmp_path):
+    broken = hub.root / FINEWEB / FINEWEB_FILES[1]
+    good = broken.read_bytes()
+    broken.write_bytes(good[: len(good) // 2])  # the hub serves a truncated parquet
+    hub.rescan()
+    hub.faults.missing.add(OASST1)
+    hub.faults.gated.add(DOLLY)
+    try:
+        missing, gated, truncated, bad_split = pocketlm(
+            tmp_path, hub_env(tmp_path, hub.url), ["data", "show", "oasst1"], ["data", "show", "dolly"],
+            ["cache", "build", "--tokenizer", str(hub_build / "tok" / "tokenizer.model"), "--out", str(tmp_path / "c"), "--pretrain", "fineweb_edu"],
+            ["data", "show", "gutenberg:split=xx"])
+    finally:
+        broken.write_bytes(good)
+        hub.rescan()
+    line = one_line_error(missing)
+    assert f"oasst1: {OASST1} is not on the hub at {hub.url}" in line and "--data-dir DIR" in line
+    line = one_line_error(gated)
+    assert f"dolly: {DOLLY} is gated on the hub" in line and "set HF_TOKEN" in line and "--data-dir DIR" in line
+    line = one_line_error(truncated)
+    assert f"fineweb_edu: a data file of {FINEWEB} on the hub cannot be read after 16 rows" in line
+    assert "--data-dir DIR" in line
+    assert not (tmp_path / "c" / "meta.json").exists()  # no cache that looks finished
+    line = one_line_error(bad_split)
+    assert f"gutenberg: datasets cannot stream {GUTENBERG}" in line and "xx" in line

@@ -46,7 +46,7 @@ TEXT_SCHEMA = pa.schema([("text", pa.string())])
 GUTENBERG_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string())])
 
 # File names as on the hub (the parquet shards' names carry the datasets-convert hash on the hub).
-FINEWEB_FILE = "sample/10BT/000_00000.parquet"
+FINEWEB_FILES = ("sample/10BT/000_00000.parquet", "sample/10BT/001_00000.parquet")  # 20 rows each
 DOLLY_FILE = "databricks-dolly-15k.jsonl"
 OASST1_FILES = {"train": "data/train-00000-of-00001-b42a775f407cee45.parquet",
                 "validation": "data/validation-00000-of-00001-134b8fd0c89408b6.parquet"}
@@ -95,7 +95,9 @@ def _parquet(rows: list[dict], schema: pa.Schema, path: Path) -> None:
 def build_repos(data: Path, root: Path) -> Path:
     """Write the five repos under root; returns root."""
     fw = root / FINEWEB
-    _parquet(fineweb_rows(data), FINEWEB_SCHEMA, fw / FINEWEB_FILE)
+    rows = fineweb_rows(data)
+    for k, name in enumerate(FINEWEB_FILES):  # two files, so a stream can fail between them
+        _parquet(rows[20 * k:20 * (k + 1)], FINEWEB_SCHEMA, fw / name)
     (fw / "README.md").write_text(_card("""
 license: odc-by
 configs:
@@ -156,8 +158,10 @@ configs:
 def build_mirror(data: Path, root: Path) -> Path:
     """The same rows as a local mirror for `--data-dir`, in the hub's file names where a name makes an id."""
     (root / "fineweb_edu").mkdir(parents=True, exist_ok=True)
-    (root / "fineweb_edu" / "000_00000.jsonl").write_text(
-        "".join(json.dumps(r) + "\n" for r in fineweb_rows(data)), encoding="utf-8")
+    rows = fineweb_rows(data)
+    for k, name in enumerate(FINEWEB_FILES):
+        (root / "fineweb_edu" / Path(name).with_suffix(".jsonl").name).write_text(
+            "".join(json.dumps(r) + "\n" for r in rows[20 * k:20 * (k + 1)]), encoding="utf-8")
     (root / "dolly").mkdir(exist_ok=True)
     shutil.copyfile(data / "dolly" / "dolly_15k_from_docx.jsonl", root / "dolly" / "databricks-dolly-15k.jsonl")
     shutil.copytree(data / "oasst1", root / "oasst1")

@@ -38,9 +38,13 @@ class Fault:
     match: str  # a substring of the request path
     times: int  # how many matching requests it hits; then it is spent
     method: str = "GET"  # "GET", "HEAD" or "*"
+    skip: int = 0  # matching requests let through before it fires
 
     def hits(self, method: str, path: str) -> bool:
         if self.times <= 0 or self.match not in path or self.method not in ("*", method):
+            return False
+        if self.skip > 0:
+            self.skip -= 1
             return False
         self.times -= 1
         return True
@@ -52,9 +56,10 @@ class Faults:
     drop: list[tuple[Fault, int]] = field(default_factory=list)  # send this many body bytes, then close
     slow: list[tuple[Fault, float]] = field(default_factory=list)  # wait this long before answering
     gated: set[str] = field(default_factory=set)  # repo ids that answer 401 GatedRepo
+    missing: set[str] = field(default_factory=set)  # repo ids that answer 404 RepoNotFound
 
-    def fail_status(self, match: str, code: int, times: int = 1, method: str = "GET") -> None:
-        self.status.append((Fault(match, times, method), code))
+    def fail_status(self, match: str, code: int, times: int = 1, method: str = "GET", skip: int = 0) -> None:
+        self.status.append((Fault(match, times, method, skip), code))
 
     def drop_after(self, match: str, n_bytes: int, times: int = 1) -> None:
         self.drop.append((Fault(match, times), n_bytes))
@@ -213,7 +218,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(401, "GatedRepo", f"Access to dataset {repo_id} is restricted. You must have access "
                                           "to it and be authenticated to access it. Please log in.")
             return None
-        repo = self.hub.repo(repo_id)
+        repo = None if repo_id in self.hub.faults.missing else self.hub.repo(repo_id)
         if repo is None:
             self._error(404, "RepoNotFound", "Repository not found")
             return None
