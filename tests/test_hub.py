@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -60,6 +61,13 @@ def hub(hub_server: LoopbackHub) -> LoopbackHub:
     hub_server.log.clear()
     hub_server.rescan()
     return hub_server
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def hub_env(tmp: Path, endpoint: str | None, **extra: str) -> dict[str, str]:
@@ -213,3 +221,56 @@ def test_missing_gated_and_broken_datasets_stop_with_one_line(hub_build, hub, tm
     assert not (tmp_path / "c" / "meta.json").exists()  # no cache that looks finished
     line = one_line_error(bad_split)
     assert f"gutenberg: datasets cannot stream {GUTENBERG}" in line and "xx" in line
+
+
+# --- offline ----------------------------------------------------------------------------------------
+
+@pytest.fixture()
+def partial_mirror(mirror: Path, tmp_path: Path) -> Path:
+    """A data dir with gutenberg only: the other sources need the hub."""
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "gutenberg").symlink_to(mirror / "gutenberg")
+    return tmp_path / "partial"
+
+
+def test_no_network_is_one_line_at_once_naming_every_source_that_needs_the_hub(hub_build, partial_mirror, tmp_path):
+    """HF_ENDPOINT at a closed loopback port: a connect probe answers before datasets' retries start
+    (no "Retrying" line: today they take ~30 s). A build names every source that would stream, and
+    not the ones with a mirror folder or no hub dataset; nothing is written."""
+    closed = f"http://127.0.0.1:{closed_port()}"
+    show, build = pocketlm(
+        tmp_path, hub_env(tmp_path, closed), ["data", "show", "dolly"],
+        ["cache", "build", "--tokenizer", str(hub_build / "tok" / "tokenizer.model"), "--out", str(tmp_path / "c"),
+         "--data-dir", str(partial_mirror), "--pretrain", "fineweb_edu", "gutenberg", "--sft", "dolly",
+         "oasst1", "primer"])
+    for r in (show, build):
+        assert "Retrying" not in r.err
+    line = one_line_error(show)
+    assert line.startswith(f"pocketlm: error: cannot reach the Hugging Face hub at {closed} for dolly "
+                           f"({DOLLY}): cannot connect to {closed[7:]}: ConnectionRefusedError")
+    assert line.endswith("pass --data-dir DIR (or set POCKETLM_DATA_DIR) where DIR/dolly/ holds a local copy, "
+                         "or set HF_ENDPOINT to a hub mirror you can reach")
+    line = one_line_error(build)
+    assert (f"for fineweb_edu ({FINEWEB}), dolly ({DOLLY}), oasst1 ({OASST1}): cannot connect" in line
+            and "DIR/<source>/" in line)
+    assert not (tmp_path / "c").exists()
+
+
+def test_offline_mode_and_what_the_caches_hold(hub_build, hub, tmp_path):
+    """HF_HUB_OFFLINE=1 after online streaming runs in the same HF_HOME (hub_build's): streaming reads no
+    cache, so each hub source stops with one line and no request is sent. A dataset downloaded with
+    huggingface_hub (`hf download --repo-type dataset ID --local-dir DIR/oasst1`) is a mirror for --data-dir."""
+    from huggingface_hub import snapshot_download
+
+    snapshot_download(OASST1, repo_type="dataset", local_dir=tmp_path / "dl" / "oasst1", endpoint=hub.url)
+    sent = len(hub.log)
+    offline_show, from_download = pocketlm(
+        tmp_path, hub_env(hub_build, hub.url, HF_HUB_OFFLINE="1"), ["data", "show", "dolly"],
+        ["data", "show", "oasst1:split=validation", "--data-dir", str(tmp_path / "dl")])
+    line = one_line_error(offline_show)
+    assert line.startswith(f"pocketlm: error: cannot reach the Hugging Face hub for dolly ({DOLLY}: HF_HUB_OFFLINE "
+                           "is set, and streaming reads nothing from a cache)")
+    assert len(hub.log) == sent
+    assert from_download.rc == 0, from_download.err
+    [online] = pocketlm(tmp_path, hub_env(tmp_path, hub.url), ["data", "show", "oasst1:split=validation"])
+    assert from_download.out == online.out and online.out

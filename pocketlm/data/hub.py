@@ -164,9 +164,8 @@ def explain(name: str, hub_id: str, e: BaseException, rows_done: int) -> str:
         return (f"{name}: {hub_id} is gated on the hub: accept its terms at {url} and set HF_TOKEN "
                 f"(or run `hf auth login`); or {_mirror_hint([name])}")
     if offline() and ("OfflineModeIsEnabled" in kinds or type(e) is ConnectionError):
-        return (f"cannot reach the Hugging Face hub for {name} ({hub_id}: HF_HUB_OFFLINE is set and the datasets "
-                f"cache has no copy; streaming does not fill that cache); unset HF_HUB_OFFLINE, or "
-                f"{_mirror_hint([name])}")
+        return (f"cannot reach the Hugging Face hub for {name} ({hub_id}: HF_HUB_OFFLINE is set, and streaming "
+                f"reads nothing from a cache); unset HF_HUB_OFFLINE, or {_mirror_hint([name])}")
     if "RepositoryNotFoundError" in kinds or "DatasetNotFoundError" in kinds:
         return (f"{name}: {hub_id} is not on the hub at {endpoint()} (renamed, removed, or private: then set "
                 f"HF_TOKEN); {_mirror_hint([name])}")
