@@ -23,7 +23,10 @@ import pytest
 from hub.layouts import DOLLY, DOLLY_FILE, FINEWEB, FINEWEB_FILES, GUTENBERG, GUTENBERG_FILE, OASST1, WIKITEXT, build_mirror, build_repos
 from hub.server import Faults, LoopbackHub
 
-REPO = Path(__file__).resolve().parents[1]
+import pocketlm
+
+# The checkout whose pocketlm is under test (the one on sys.path), for the commands' PYTHONPATH.
+REPO = Path(pocketlm.__file__).resolve().parents[1]
 RUN_CLI = Path(__file__).resolve().parent / "hub" / "run_cli.py"
 # One spec per hub source; oasst1's slice holds validation rows only (tests/hub/layouts.py).
 TOKENIZER_SOURCES = ("fineweb_edu", "gutenberg", "dolly", "oasst1:split=validation")
@@ -274,3 +277,59 @@ def test_offline_mode_and_what_the_caches_hold(hub_build, hub, tmp_path):
     assert from_download.rc == 0, from_download.err
     [online] = pocketlm(tmp_path, hub_env(tmp_path, hub.url), ["data", "show", "oasst1:split=validation"])
     assert from_download.out == online.out and online.out
+
+
+# --- quickstart --config, the recipe path ------------------------------------------------------------
+
+RECIPE = """
+[recipe]
+vocab_size = 800
+pretrain = ["fineweb_edu", "gutenberg"]
+eval = ["wikitext"]
+sft = ["dolly", "oasst1:split=validation"]
+val_fraction = 0.1
+
+[train]
+name = "run"
+model = "tiny"
+pretrain_mix = ["fineweb_edu=0.8", "gutenberg=0.2"]
+seq_len = 256
+micro_batch = 2
+accum_steps = 1
+pretrain_steps = 2
+sft_steps = 2
+warmup_steps = 1
+eval_every = 2
+eval_batches = 1
+log_every = 1
+sample_tokens = 0
+optimizer = "adamw"
+
+[model]
+n_layer = 1
+n_embd = 32
+n_head = 2
+block_size = 256
+"""
+
+
+def test_quickstart_config_streams_the_recipe_from_the_hub_as_from_the_mirror(hub, mirror, tmp_path):
+    """`pocketlm quickstart --config` with a small recipe of the five hub sources, without --data-dir,
+    runs every stage; its tokenizer, cache and checkpoints equal those of the same recipe on the mirror."""
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(RECIPE, encoding="utf-8")
+    args = ["quickstart", "--config", str(recipe), "--device", "cpu", "--out"]
+    via_hub, via_mirror = pocketlm(tmp_path, hub_env(tmp_path, hub.url), [*args, str(tmp_path / "q_hub")],
+                                   [*args, str(tmp_path / "q_mirror"), "--data-dir", str(mirror)])
+    for r in (via_hub, via_mirror):
+        no_traceback(r)
+        assert r.rc == 0, r.err
+        assert "[6/6] a sample chat (greedy)" in r.out
+    hub_dir, mirror_dir = tmp_path / "q_hub", tmp_path / "q_mirror"
+    assert (hub_dir / "tokenizer" / "tokenizer.model").read_bytes() == \
+        (mirror_dir / "tokenizer" / "tokenizer.model").read_bytes()
+    assert shard_files(hub_dir / "cache") == shard_files(mirror_dir / "cache")
+    for ckpt in ("pretrain/best", "sft/best"):
+        weights = [d / "run" / ckpt / "model.safetensors" for d in (hub_dir, mirror_dir)]
+        assert weights[0].read_bytes() == weights[1].read_bytes(), ckpt
+    assert any(f"/datasets/{WIKITEXT}/resolve/" in p for _, p, _ in hub.log)
