@@ -259,7 +259,7 @@ def test_no_network_is_one_line_at_once_naming_every_source_that_needs_the_hub(h
     assert not (tmp_path / "c").exists()
 
 
-def test_offline_mode_and_what_the_caches_hold(hub_build, hub, tmp_path):
+def test_offline_mode_and_what_the_caches_hold(hub_build, hub, mirror, tmp_path):
     """HF_HUB_OFFLINE=1 after online streaming runs in the same HF_HOME (hub_build's): streaming reads no
     cache, so each hub source stops with one line and no request is sent. A dataset downloaded with
     huggingface_hub (`hf download --repo-type dataset ID --local-dir DIR/oasst1`) is a mirror for --data-dir."""
@@ -267,16 +267,17 @@ def test_offline_mode_and_what_the_caches_hold(hub_build, hub, tmp_path):
 
     snapshot_download(OASST1, repo_type="dataset", local_dir=tmp_path / "dl" / "oasst1", endpoint=hub.url)
     sent = len(hub.log)
-    offline_show, from_download = pocketlm(
+    offline_show, from_download, from_mirror = pocketlm(
         tmp_path, hub_env(hub_build, hub.url, HF_HUB_OFFLINE="1"), ["data", "show", "dolly"],
-        ["data", "show", "oasst1:split=validation", "--data-dir", str(tmp_path / "dl")])
+        ["data", "show", "oasst1:split=validation", "--data-dir", str(tmp_path / "dl")],
+        ["data", "show", "oasst1:split=validation", "--data-dir", str(mirror)])
     line = one_line_error(offline_show)
     assert line.startswith(f"pocketlm: error: cannot reach the Hugging Face hub for dolly ({DOLLY}: HF_HUB_OFFLINE "
                            "is set, and streaming reads nothing from a cache)")
     assert len(hub.log) == sent
     assert from_download.rc == 0, from_download.err
-    [online] = pocketlm(tmp_path, hub_env(tmp_path, hub.url), ["data", "show", "oasst1:split=validation"])
-    assert from_download.out == online.out and online.out
+    # The mirror's records are the hub's (test_data_show_streams_every_source_...).
+    assert from_download.out == from_mirror.out and from_mirror.out
 
 
 # --- quickstart --config, the recipe path ------------------------------------------------------------
