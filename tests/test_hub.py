@@ -334,3 +334,21 @@ def test_quickstart_config_streams_the_recipe_from_the_hub_as_from_the_mirror(hu
         weights = [d / "run" / ckpt / "model.safetensors" for d in (hub_dir, mirror_dir)]
         assert weights[0].read_bytes() == weights[1].read_bytes(), ckpt
     assert any(f"/datasets/{WIKITEXT}/resolve/" in p for _, p, _ in hub.log)
+
+
+def test_the_reach_check_connects_to_the_proxy_users_set(monkeypatch):
+    """Behind a proxy the hub itself may not be reachable directly: the check connects to the proxy
+    httpx will use, unless NO_PROXY exempts the hub's host."""
+    from pocketlm.data.hub import _probe_target, probe
+
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy",
+                "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    assert _probe_target("https://huggingface.co")[:2] == ("huggingface.co", 443)
+    assert _probe_target("http://127.0.0.1:8080")[:2] == ("127.0.0.1", 8080)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert _probe_target("https://huggingface.co") == ("proxy.example", 3128, "the proxy proxy.example:3128")
+    monkeypatch.setenv("NO_PROXY", "huggingface.co")
+    assert _probe_target("https://huggingface.co")[:2] == ("huggingface.co", 443)
+    port = closed_port()
+    assert probe(f"http://127.0.0.1:{port}").startswith(f"cannot connect to 127.0.0.1:{port}: ConnectionRefusedError")

@@ -155,9 +155,9 @@ def _first_line(e: BaseException) -> str:
 
 def explain(name: str, hub_id: str, e: BaseException, rows_done: int) -> str:
     """One line: what went wrong with `hub_id` and what to do."""
-    names = [x for x in _chain(e)]
-    kinds = {c.__name__ for x in names for c in type(x).__mro__}
-    text = " ".join(str(x) for x in names)
+    chain = list(_chain(e))
+    kinds = {c.__name__ for x in chain for c in type(x).__mro__}
+    text = " ".join(str(x) for x in chain)
     url = f"{endpoint().rstrip('/')}/datasets/{hub_id}"
     after = f" after {rows_done:,} rows" if rows_done else ""
     if "GatedRepoError" in kinds or "is a gated dataset" in text:
