@@ -174,12 +174,12 @@ def test_cache_built_through_faults_equals_the_clean_one(hub_build, hub, tmp_pat
     503 to six requests once 16 rows were given): pocketlm reopens the stream and resumes at row 17. The cache is the clean build's, byte for byte."""
     f = hub.faults
     f.drop_after(f"/{DOLLY_FILE}", 20_000)
-    f.delay(f"/{GUTENBERG_FILE}", 3.0, method="GET")  # > HF_HUB_DOWNLOAD_TIMEOUT below
+    f.delay(f"/{GUTENBERG_FILE}", 4.0, method="GET")  # > HF_HUB_DOWNLOAD_TIMEOUT below
     f.fail_status(f"/{WIKITEXT}/resolve/main/README.md", 502, times=2, method="*")
     # Only its resolve URL holds the file name. Rows are given in batches of 16 (rows.HUB_ROW_BATCH):
     # the second batch spans the two files, so the first 16 rows are given before the outage.
     f.fail_status(f"/{FINEWEB_FILES[1]}", 503, times=6)
-    [r] = pocketlm(tmp_path, hub_env(tmp_path, hub.url, HF_HUB_DOWNLOAD_TIMEOUT="1"),
+    [r] = pocketlm(tmp_path, hub_env(tmp_path, hub.url, HF_HUB_DOWNLOAD_TIMEOUT="2"),
                    ["cache", "build", "--tokenizer", str(hub_build / "tok" / "tokenizer.model"), "--out",
                     str(tmp_path / "cache"), *CACHE_ARGS])
     no_traceback(r)
