@@ -137,6 +137,18 @@ def _parse_specs(specs: Sequence[tuple[str, str]]) -> list[tuple[str, object, st
     return parsed
 
 
+def _check_hub(parsed: list[tuple[str, object, str]], data_dir: str | Path | None) -> None:
+    """Before anything is written: when the hub cannot be reached, one line naming every source that
+    needs it (not only the first one read)."""
+    from pocketlm.data.hub import check_reachable, reads_hub
+    from pocketlm.data.sources import SOURCES, resolve_data_dir
+
+    root = resolve_data_dir(data_dir)
+    on_hub = [spec.name for _, spec, _ in parsed if reads_hub(spec, root)]  # type: ignore[attr-defined]
+    if on_hub:
+        check_reachable(on_hub, [SOURCES[n].hub_id or "" for n in on_hub])
+
+
 def build_cache(tokenizer_path: str | Path, specs: Sequence[tuple[str, str]], out_dir: str | Path,
                 seed: int = CacheConfig.seed, data_dir: str | Path | None = None, *,
                 val_fraction: float = CacheConfig.val_fraction, workers: int = CacheConfig.workers,
@@ -157,6 +169,7 @@ def build_cache(tokenizer_path: str | Path, specs: Sequence[tuple[str, str]], ou
         raise PocketLMError(f"sft_mask {sft_mask!r} must be one of {', '.join(sft.MASK_MODES)}")
     parsed = _parse_specs(specs)
     tok = Tokenizer.load(tokenizer_path)
+    _check_hub(parsed, data_dir)
     out_dir = Path(out_dir)
     dtype = shards.token_dtype(tok.vocab_size)
     # One encoding thread more than cores: this thread's reading and writing hold the GIL in bursts,

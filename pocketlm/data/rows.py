@@ -7,6 +7,7 @@ PocketLMError naming file and line, or, with `skip_bad=1`, is skipped and counte
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -14,12 +15,15 @@ from pathlib import Path
 from typing import Any, Generator, Iterator
 
 from pocketlm import PocketLMError
-from pocketlm.data.sources import DATA_DIR_ENV, LoadContext
+from pocketlm.data.sources import LoadContext
 
 JSON_EXTS = (".jsonl", ".json", ".parquet")
 # Rows are taken from datasets in batches of this many: its own per-row iteration slices an arrow
 # table and converts it for every row, which costs more CPU than parsing the JSON.
 ROW_BATCH = 256
+# From the hub, smaller batches: a row is given (and counted for a resume) only once its batch is
+# converted, and a hub stream's rate is set by the network, not by this conversion.
+HUB_ROW_BATCH = 16
 
 
 @dataclass
@@ -98,26 +102,21 @@ def local_files(ctx: LoadContext, exts: tuple[str, ...], mirror: str | None = No
     return files
 
 
-def _records(ds: Any) -> Iterator[dict[str, Any]]:
+def _records(ds: Any, batch_size: int = ROW_BATCH) -> Iterator[dict[str, Any]]:
     """The rows of a streamed dataset as dicts, the same as iterating it, converted a batch at a time."""
-    for batch in ds.with_format("python").iter(batch_size=ROW_BATCH):
+    for batch in ds.with_format("python").iter(batch_size=batch_size):
         yield from (dict(zip(batch, values)) for values in zip(*batch.values()))
 
 
 def hub_rows(ctx: LoadContext, split: str, name: str | None = None) -> Iterator[Row]:
-    """Stream a hub dataset. Offline, the hub raises ConnectionError: turn it into a one-line fix."""
-    import datasets
+    """Stream a hub dataset: faults retried and resumed, failures one line (see `pocketlm.data.hub`)."""
+    from pocketlm.data.hub import stream
 
     hub_id = ctx.info.hub_id
     assert hub_id is not None, f"{ctx.info.name} has no hub dataset"
-    try:
-        ds = datasets.load_dataset(hub_id, name=name, split=split, streaming=True)
-        for i, data in enumerate(_records(ds)):
-            yield Row(data, hub_id, i)
-    except ConnectionError as e:
-        raise PocketLMError(
-            f"cannot reach the Hugging Face hub for {ctx.info.name} ({hub_id}: {str(e).splitlines()[0]}); "
-            f"pass --data-dir DIR (or set {DATA_DIR_ENV}) where DIR/{ctx.info.name}/ holds a local copy") from None
+    records = functools.partial(_records, batch_size=HUB_ROW_BATCH)
+    for i, data in enumerate(stream(ctx.info.name, hub_id, split, name, records)):
+        yield Row(data, hub_id, i)
 
 
 def json_rows(ctx: LoadContext, files: list[Path]) -> Iterator[Row]:

@@ -17,6 +17,9 @@ from pocketlm.data.rows import Row, get_str, hub_rows, local_files, text_rows
 from pocketlm.data.sources import LoadContext
 
 TITLE = re.compile(r"^ ?= ([^=].*?) = ?$")
+# The hub's split names -> the stems of WikiText's own files (wiki.train.raw, wiki.valid.raw,
+# wiki.test.raw), so an article has the same id read from the hub or from a mirror of those files.
+FILE_STEMS = {"train": "wiki.train", "validation": "wiki.valid", "test": "wiki.test"}
 
 
 def articles(lines: Iterator[str]) -> Iterator[tuple[str | None, list[str]]]:
@@ -41,7 +44,7 @@ def load(ctx: LoadContext) -> Iterator[dict[str, Any]]:
     files = local_files(ctx, (".raw",))
     rows: Iterator[Row] = (hub_rows(ctx, split, ctx.opt_str("name", "wikitext-2-raw-v1")) if files is None
                            else text_rows(files, by_document=False))
-    stem = Path(files[0]).stem if files else split
+    stem = Path(files[0]).stem if files else FILE_STEMS.get(split, split)
 
     def lines() -> Iterator[str]:
         for row in rows:
