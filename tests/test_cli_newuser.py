@@ -1,0 +1,98 @@
+"""What a new user's mistakes get from the command line: one line that names the cause and the fix, no
+traceback, and no folder left behind. Each test runs `python -m pocketlm` as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pocketlm(*args: str, cwd: Path = REPO, stdin: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "pocketlm", *map(str, args)], cwd=cwd, env=env, input=stdin,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    """The single error line of a failed command (and that nothing else went to stderr)."""
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert "error" in lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def cache(small_cache, data_dir) -> Path:
+    """A cache of the small tokenizer with FineWeb, WikiText and the primer chats: no dolly."""
+    return small_cache([("fineweb_edu:take=100", "pretrain"), ("wikitext", "eval"), ("primer", "sft")], data_dir)
+
+
+def tiny_args(cache: Path, runs: Path) -> list[str]:
+    return ["--cache", cache, "--runs-dir", runs, "--model", "tiny", "--seq-len", "64", "--micro-batch", "2",
+            "--accum-steps", "1", "--pretrain-steps", "2", "--sft-steps", "2", "--eval-every", "2",
+            "--eval-batches", "1", "--sample-tokens", "0", "--device", "cpu", "--pretrain-mix", "fineweb_edu=1",
+            "--sft-sources", "primer"]
+
+
+# Row 2: every config field is type-checked when the file is read.
+@pytest.mark.parametrize("line, key, wanted", [('micro_batch = "four"', "micro_batch", "an integer"),
+                                               ('lr = "3e-3"', "lr", "a number"),
+                                               ("compile = 1", "compile", "true or false (or unset)"),
+                                               ('sft_sources = "dolly"', "sft_sources", "a list of strings"),
+                                               ("eval_sources = [1, 2]", "eval_sources", "a list of strings")])
+def test_a_config_value_of_the_wrong_type_is_one_line_naming_key_type_and_value(cache, tmp_path, line, key, wanted):
+    config = tmp_path / "bad.toml"
+    config.write_text(f"[train]\n{line}\n")
+    err = one_line_error(pocketlm("train", "--config", config, *tiny_args(cache, tmp_path / "runs")[:4]))
+    value = line.split(" = ", 1)[1].strip('"')
+    assert f"{config} [train]: {key} must be {wanted}, got" in err and value in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_model_table_of_the_wrong_type_is_one_line(cache, tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text("[model]\nn_layer = 2.5\n")
+    err = one_line_error(pocketlm("train", "--config", config, *tiny_args(cache, tmp_path / "runs")[:4]))
+    assert f"{config} [model]: n_layer must be an integer, got 2.5" in err
+
+
+# Row 5: --resume of a run that does not exist.
+def test_resume_of_a_run_that_never_started_says_there_is_nothing_to_resume(cache, tmp_path):
+    err = one_line_error(pocketlm("train", "--name", "never", "--resume", *tiny_args(cache, tmp_path / "runs")))
+    assert "nothing to resume" in err and "without --resume" in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+# Row 6: every phase's sources are checked before the first step.
+def test_a_missing_sft_source_fails_before_pretraining(cache, tmp_path):
+    proc = pocketlm("train", "--name", "mine", *tiny_args(cache, tmp_path / "runs"), "--sft-sources", "dolly")
+    err = one_line_error(proc)
+    assert "sft phase needs sft source(s) dolly" in err and "primer" in err, err
+    assert "pretrain" not in proc.stdout and not (tmp_path / "runs").exists()
+
+
+def test_sft_alone_without_a_pretrained_model_fails_before_any_folder(cache, tmp_path):
+    err = one_line_error(pocketlm("train", "--name", "mine", "--phase", "sft", *tiny_args(cache, tmp_path / "runs")))
+    assert "SFT starts from" in err and "--init" in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+# Row 7: too small a vocabulary gets the right hint, and the minimum.
+def test_too_small_a_vocabulary_says_so_and_the_minimum(tmp_path):
+    out = tmp_path / "tok"
+    err = one_line_error(pocketlm("tokenizer", "train", "--sources", REPO / "tests/data/gutenberg/74-0.txt",
+                                  "--out", out, "--vocab-size", "100"))
+    assert "--vocab-size 100 is too small" in err and "use --vocab-size 460 or more" in err, err
+    assert "lower --vocab-size" not in err
+    assert not out.exists()  # no half tokenizer folder
+    ok = pocketlm("tokenizer", "train", "--sources", REPO / "tests/data/gutenberg/74-0.txt", "--out", out,
+                  "--vocab-size", "460")
+    assert ok.returncode == 0, ok.stderr[-2000:]
