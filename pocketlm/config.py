@@ -44,27 +44,31 @@ def _parse_bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str = "") -> None:
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, prefix: str = "",
+                       required: tuple[str, ...] = ()) -> None:
     """One `--field-name` flag per dataclass field (dashes on the CLI, underscores in code).
 
     Flags default to None so that `resolve` can tell "not given" from "given the default".
-    Help text comes from `metadata={"help": ...}` on the field.
+    Help text comes from `metadata={"help": ...}` on the field. Fields named in `required` are listed in
+    a group of their own (they may still come from a TOML file, so argparse does not enforce them).
     """
     group = parser.add_argument_group(cls.__name__)
+    needed = parser.add_argument_group("required (here or in the --config file)") if required else group
     for f in dataclasses.fields(cls):
+        into = needed if f.name in required else group
         tp = _scalar(_field_type(cls, f))
         flag = "--" + prefix + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
         help_ = f.metadata.get("help", "") + (f" (default: {default})" if default is not None else "")
         if tp is bool:
-            group.add_argument(flag, dest=prefix.replace("-", "_") + f.name, type=_parse_bool,
-                               default=None, metavar="BOOL", help=help_)
+            into.add_argument(flag, dest=prefix.replace("-", "_") + f.name, type=_parse_bool,
+                              default=None, metavar="BOOL", help=help_)
         elif typing.get_origin(tp) in (list, tuple):
             item = typing.get_args(tp)[0] if typing.get_args(tp) else str
-            group.add_argument(flag, dest=prefix.replace("-", "_") + f.name, nargs="+", default=None, help=help_,
-                               type=item if item in (int, float, str) else str)
+            into.add_argument(flag, dest=prefix.replace("-", "_") + f.name, nargs="+", default=None, help=help_,
+                              type=item if item in (int, float, str) else str)
         else:
-            group.add_argument(flag, dest=prefix.replace("-", "_") + f.name, type=tp, default=None, help=help_)
+            into.add_argument(flag, dest=prefix.replace("-", "_") + f.name, type=tp, default=None, help=help_)
 
 
 def load_toml(path: str | Path, section: str | None = None) -> dict[str, Any]:
@@ -77,6 +81,8 @@ def load_toml(path: str | Path, section: str | None = None) -> dict[str, Any]:
         raise PocketLMError(f"{p}: invalid TOML ({e}); fix the file or drop --config") from None
     if section is not None:
         data = data.get(section, {})
+        if not isinstance(data, dict):
+            raise PocketLMError(f"{p}: [{section}] must be a table of keys, got {data!r}")
     return data
 
 

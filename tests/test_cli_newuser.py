@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def pocketlm(*args: str, cwd: Path = REPO, stdin: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "pocketlm", *map(str, args)], cwd=cwd, env=env, input=stdin,
                           capture_output=True, text=True, timeout=timeout)
 

@@ -20,6 +20,9 @@ def read_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any]]:
     if unknown:
         raise PocketLMError(f"{args.config}: unknown table(s) {', '.join(unknown)}; use [train], [model] (and [recipe])")
     where = args.config or "flags"
+    for table in TOML_TABLES:
+        if not isinstance(data.get(table, {}), dict):
+            raise PocketLMError(f"{where}: [{table}] must be a table of keys, got {data[table]!r}")
     cfg = resolve(TrainConfig, args, data.get("train", {}), where=f"{where} [train]")
     model = checked(GPTConfig, dict(data.get("model", {})), where=f"{where} [model]")
     names = {f for f in GPTConfig.__dataclass_fields__}
