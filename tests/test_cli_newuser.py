@@ -3,6 +3,7 @@ traceback, and no folder left behind. Each test runs `python -m pocketlm` as a u
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,9 +14,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def pocketlm(*args: str, cwd: Path = REPO, stdin: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def pocketlm(*args: str, stdin: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m pocketlm ARGS` from the current folder (whose pocketlm, if any, is the one run)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "pocketlm", *map(str, args)], cwd=cwd, env=env, input=stdin,
+    return subprocess.run([sys.executable, "-m", "pocketlm", *map(str, args)], env=env, input=stdin,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -96,3 +98,89 @@ def test_too_small_a_vocabulary_says_so_and_the_minimum(tmp_path):
     ok = pocketlm("tokenizer", "train", "--sources", REPO / "tests/data/gutenberg/74-0.txt", "--out", out,
                   "--vocab-size", "460")
     assert ok.returncode == 0, ok.stderr[-2000:]
+
+
+# Paper cuts, in-process through `pocketlm.cli.main` (what `python -m pocketlm` runs): faster, as faithful.
+
+def run_main(args: list[str], capsys) -> tuple[int, str, str]:
+    from pocketlm.cli import main
+
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def scripted_input(monkeypatch, lines: list):
+    """input() that answers with `lines` in turn (an exception instance is raised: Ctrl-C, Ctrl-D)."""
+    it = iter(lines)
+
+    def fake_input(prompt: str = "") -> str:
+        print(prompt, end="")
+        item = next(it, EOFError())
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    monkeypatch.setattr("builtins.input", fake_input)
+
+
+def test_chat_ctrl_c_at_the_prompt_keeps_the_conversation_and_a_long_message_shows_no_reply(
+        tiny_ckpt, capsys, monkeypatch):
+    from pocketlm.infer.chat import ChatSession
+
+    seen = []
+    prompt_ids = ChatSession.prompt_ids
+    monkeypatch.setattr(ChatSession, "prompt_ids", lambda self: seen.append(len(self.turns)) or prompt_ids(self))
+    scripted_input(monkeypatch, ["Hi", KeyboardInterrupt(), "word " * 400, "Again", EOFError()])
+    code, out, err = run_main(["chat", "--ckpt", tiny_ckpt, "--max-new-tokens", "4", "--seed", "0"], capsys)
+    assert code == 0, err
+    assert seen == [1, 3, 3]  # after Ctrl-C and the refused message, "Again" follows the first exchange
+    assert out.count("model> ") == 2  # "Hi" and "Again"; none for the message that was too long
+    assert "[the message is" in err and "send a shorter message" in err
+    assert "Ctrl-C clears the line" in err
+    assert "readline" in sys.modules  # line editing and history at the prompt
+
+
+def test_ckpt_that_is_a_run_or_a_cache_folder_says_what_it_is_and_which_to_pass(tiny_ckpt, cache, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "runs" / "mine"
+    shutil.copytree(tiny_ckpt, run / "sft" / "best")
+    (run / "metrics.jsonl").write_text("")
+    for folder, what, instead in ((run, "a run folder", run / "sft" / "best"),
+                                  (tmp_path / "runs", "a run folder", run / "sft" / "best"),
+                                  (run / "sft", "a training phase's folder", run / "sft" / "best")):
+        code, _, err = run_main(["generate", "--ckpt", folder, "--prompt", "Hi"], capsys)
+        assert code == 1 and err == f"pocketlm: error: {folder} is {what}, not a model; pass its model: --ckpt {instead}\n"
+    code, _, err = run_main(["chat", "--ckpt", cache], capsys)
+    assert code == 1 and err.startswith(f"pocketlm: error: {cache} is a token cache, not a model; pass a model folder")
+    # A model's weights file stands for its folder.
+    code, out, err = run_main(["generate", "--ckpt", run / "sft" / "best" / "model.safetensors", "--prompt", "Hi",
+                               "--max-new-tokens", "2", "--seed", "0"], capsys)
+    assert code == 0, err
+
+
+def test_plot_of_a_quickstart_folder_finds_its_run(tmp_path, capsys):
+    run = tmp_path / "quickstart" / "run"
+    run.mkdir(parents=True)
+    rows = [{"kind": "train", "phase": "pretrain", "step": s, "loss": 5.0 - s / 10} for s in (1, 2)]
+    rows += [{"kind": "eval", "phase": "pretrain", "step": 2, "source": "all", "loss": 4.9, "bpb": 2.1}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out, err = run_main(["plot", tmp_path / "quickstart"], capsys)
+    assert code == 0, err
+    assert out.split() == [str(run / "loss.png"), str(run / "bpb.png")]
+
+
+def test_generate_that_fills_the_context_names_the_context_length(tiny_ckpt, capsys):
+    from pocketlm.model.io import load_model
+
+    model, tok, _ = load_model(tiny_ckpt)
+    n = next(n for n in range(1, 400) if len(tok.encode("the cat " * n)) >= model.cfg.block_size - 1)
+    prompt = "the cat " * n
+    code, _, err = run_main(["generate", "--ckpt", tiny_ckpt, "--prompt", prompt, "--max-new-tokens", "200",
+                             "--temperature", "0"], capsys)
+    assert code == 0, err
+    assert f"[length (the model's {model.cfg.block_size}-token context): " in err, err

@@ -11,7 +11,6 @@ from pathlib import Path
 from pocketlm.files import sha256_file
 from pocketlm.model.io import load_model
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def checkpoint_bytes(run: Path) -> dict[str, bytes]:
@@ -29,14 +28,14 @@ def checkpoint_bytes(run: Path) -> dict[str, bytes]:
 def quickstart(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "pocketlm", "quickstart", *map(str, args), "--device", "cpu"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                          env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_quickstart_runs_the_whole_pipeline_offline(tmp_path):
     out = tmp_path / "qs"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, "-m", "pocketlm", "quickstart", "--out", str(out), "--steps", "12",
-                           "--device", "cpu"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                           "--device", "cpu"], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     best = out / "run" / "sft" / "best"
     assert f"pocketlm chat --ckpt {best}" in proc.stdout
