@@ -67,8 +67,8 @@ def _what_instead(folder: Path) -> str:
         if found:
             kind = {"best": "a training phase's folder", "run/sft/best": "a quickstart folder"}.get(sub, "a run folder")
             return f"{folder} is {kind}, not a model; pass its model: --ckpt {found[0]}"
-    return (f"{folder} holds no {INFO_FILE}: it is not a model folder; pass one such as runs/NAME/sft/best "
-            "(model.safetensors, model.json, tokenizer.model)")
+    return (f"{folder / INFO_FILE} is missing: {folder} is not a model folder; pass one such as "
+            "runs/NAME/sft/best (model.safetensors, model.json, tokenizer.model)")
 
 
 def model_folder(dir: str | Path) -> Path:

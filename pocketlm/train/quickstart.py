@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pocketlm import PocketLMError
-from pocketlm.config import from_dict, load_toml
+from pocketlm.config import checked, from_dict, load_toml
 from pocketlm.train.config import TrainConfig
 
 CONFIG = Path(__file__).resolve().parent / "quickstart.toml"  # ships inside the package
@@ -65,6 +65,9 @@ def quickstart_config(out: Path, sources: dict[str, list[str]], steps: int | Non
     unknown = sorted(set(data) - {"recipe", "train", "model"})
     if unknown:
         raise PocketLMError(f"{path}: unknown table(s) {', '.join(unknown)}; use [recipe], [train] and [model]")
+    for name in ("recipe", "train", "model"):
+        if not isinstance(data.get(name, {}), dict):
+            raise PocketLMError(f"{path}: [{name}] must be a table of keys, got {data[name]!r}")
     table = data.get("train", {})
     cfg = from_dict(TrainConfig, table, where=f"{path} [train]")
     pretrain = [_name(s) for s in sources["pretrain"]]
@@ -79,7 +82,9 @@ def quickstart_config(out: Path, sources: dict[str, list[str]], steps: int | Non
         warmup = None if cfg.warmup_steps is None else min(cfg.warmup_steps, steps)
         cfg = dataclasses.replace(cfg, pretrain_steps=steps, sft_steps=steps, tokens=0.0, epochs=0.0,
                                   warmup_steps=warmup, eval_every=min(cfg.eval_every, steps))
-    return cfg, data.get("model", {})
+    from pocketlm.model.config import GPTConfig
+
+    return cfg, checked(GPTConfig, data.get("model", {}), where=f"{path} [model]")
 
 
 def recipe_config(path: str | Path | None, data_dir: str | None) -> tuple[RecipeConfig, Path]:
@@ -87,7 +92,7 @@ def recipe_config(path: str | Path | None, data_dir: str | None) -> tuple[Recipe
     if path is None:
         small = RecipeConfig(**{k: tuple(v) for k, v in (REAL if data_dir else OFFLINE).items()}, val_fraction=0.1)
         return small, CONFIG
-    return from_dict(RecipeConfig, load_toml(path).get("recipe", {}), where=f"{path} [recipe]"), Path(path)
+    return from_dict(RecipeConfig, load_toml(path, "recipe"), where=f"{path} [recipe]"), Path(path)
 
 
 def command_name() -> str:
@@ -123,13 +128,14 @@ def quickstart(out: str | Path, data_dir: str | None = None, steps: int | None =
     from pocketlm.tokenizer.tokenizer_sp import MODEL_FILE, train_tokenizer
     from pocketlm.train.evaluate import eval_checkpoint, greedy_text
     from pocketlm.train.plot import plot_run
-    from pocketlm.train.run import finished_run, train
+    from pocketlm.train.run import check_config, finished_run, train
 
     out = Path(out)
     pick_device(device)  # an unusable --device is refused before minutes of tokenizer and cache
     recipe, path = recipe_config(config, data_dir)
     sources = recipe.sources()
     cfg, model_overrides = quickstart_config(out, sources, steps, device, path)
+    check_config(cfg)
     tok_path = out / "tokenizer" / MODEL_FILE
     run_dir = out / cfg.name
     if fresh:  # only what quickstart writes: OUT itself and anything else in it stay

@@ -110,6 +110,26 @@ def phase_finished(cfg: TrainConfig, name: str, state: dict[str, Any]) -> bool:
     return state["step"] >= total or bool(cfg.patience and state.get("stale_evals", 0) >= cfg.patience)
 
 
+# Fields that must be at least 1, and those that must not be negative.
+POSITIVE = ("seq_len", "micro_batch", "accum_steps", "sft_steps", "eval_every", "eval_batches", "log_every")
+NON_NEGATIVE = ("tokens", "epochs", "lr", "sft_lr", "min_lr_frac", "warmup_frac", "decay_frac", "muon_lr",
+                "muon_momentum", "z_loss", "weight_decay", "beta2", "grad_clip", "patience", "sample_tokens",
+                "ddp_bucket_mb", "seed", "warmup_steps", "pretrain_steps")
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Numbers out of range, named with their flag, before anything is read or written."""
+    for name in POSITIVE:
+        if getattr(cfg, name) < 1:
+            raise PocketLMError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    for name in NON_NEGATIVE:
+        value = getattr(cfg, name)
+        if value is not None and value < 0:
+            raise PocketLMError(f"--{name.replace('_', '-')} must not be negative, got {value}")
+    if cfg.pretrain_steps == 0:
+        raise PocketLMError("--pretrain-steps must be at least 1 (leave it unset to use --tokens or --epochs)")
+
+
 def finished_run(cfg: TrainConfig, pipeline: str = "pretrain_then_sft", init: str | None = None) -> list[str] | None:
     """One line per phase when every phase of `pipeline` has finished and SFT still descends from its start;
     None when there is training left to do (or to redo)."""
@@ -169,6 +189,7 @@ def train(cfg: TrainConfig, model_overrides: dict[str, Any] | None = None, pipel
     if pipeline not in PIPELINES:
         raise PocketLMError(f"unknown pipeline {pipeline!r}: use {', '.join(PIPELINES)}")
     phases = PIPELINES[pipeline]
+    check_config(cfg)
     run_dir = Path(cfg.runs_dir) / cfg.name
     if resume and not any((run_dir / name / "last").exists() for name in phases):
         raise PocketLMError(f"--resume: nothing to resume in {run_dir} (no {' or '.join(f'{n}/last' for n in phases)}"
