@@ -175,7 +175,7 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
 def resolve(cls: type[T], args: argparse.Namespace | None = None, toml: dict[str, Any] | None = None,
             where: str = "config", prefix: str = "") -> T:
     """dataclass defaults <- TOML values <- flags that were given."""
-    values: dict[str, Any] = dict(toml or {})
+    values = checked(cls, dict(toml or {}), where)  # the file's mistakes show even where a flag overrides them
     if args is not None:
         for f in dataclasses.fields(cls):
             v = getattr(args, prefix.replace("-", "_") + f.name, None)

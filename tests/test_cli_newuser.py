@@ -53,7 +53,7 @@ def tiny_args(cache: Path, runs: Path) -> list[str]:
 def test_a_config_value_of_the_wrong_type_is_one_line_naming_key_type_and_value(cache, tmp_path, line, key, wanted):
     config = tmp_path / "bad.toml"
     config.write_text(f"[train]\n{line}\n")
-    err = one_line_error(pocketlm("train", "--config", config, *tiny_args(cache, tmp_path / "runs")[:4]))
+    err = one_line_error(pocketlm("train", "--config", config, *tiny_args(cache, tmp_path / "runs")))
     value = line.split(" = ", 1)[1].strip('"')
     assert f"{config} [train]: {key} must be {wanted}, got" in err and value in err, err
     assert not (tmp_path / "runs").exists()
@@ -62,7 +62,7 @@ def test_a_config_value_of_the_wrong_type_is_one_line_naming_key_type_and_value(
 def test_a_model_table_of_the_wrong_type_is_one_line(cache, tmp_path):
     config = tmp_path / "bad.toml"
     config.write_text("[model]\nn_layer = 2.5\n")
-    err = one_line_error(pocketlm("train", "--config", config, *tiny_args(cache, tmp_path / "runs")[:4]))
+    err = one_line_error(pocketlm("train", "--config", config, *tiny_args(cache, tmp_path / "runs")))
     assert f"{config} [model]: n_layer must be an integer, got 2.5" in err
 
 

@@ -8,6 +8,7 @@ is the traceback a user would see); a subprocess per call would cost seconds eac
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 import pytest
@@ -87,4 +88,6 @@ def test_every_subcommand_answers_bad_input_with_one_line(tmp_path, monkeypatch,
         left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
         if left:
             failures.append(f"{what}: pocketlm {' '.join(args)} left {left}")
+            for p in tmp_path.iterdir():  # so the next command is judged on its own
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
     assert not failures, "\n".join(failures)
