@@ -91,3 +91,35 @@ def test_every_subcommand_answers_bad_input_with_one_line(tmp_path, monkeypatch,
             for p in tmp_path.iterdir():  # so the next command is judged on its own
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
     assert not failures, "\n".join(failures)
+
+
+def test_out_of_range_numbers_with_real_inputs_are_one_line(tiny_ckpt, small_cache, data_dir, tmp_path, monkeypatch,
+                                                            capsys):
+    """The same numbers where every path is real, so nothing but the numbers can fail."""
+    import io
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    cache = small_cache([("fineweb_edu:take=50", "pretrain"), ("primer", "sft")], data_dir)
+    capsys.readouterr()  # what building the cache said
+    real = {"--ckpt": tiny_ckpt, "--cache": cache, "--prompt": "Hi", "--out": tmp_path / "out",
+            "--sources": data_dir / "gutenberg" / "74-0.txt"}
+    parsers = dict(leaves(build_parser()))
+    failures = []
+    for path in (("tokenizer", "train"), ("train",), ("eval",), ("generate",), ("chat",)):
+        parser = parsers[path]
+        required = [o for a in parser._actions if a.required for o in (a.option_strings[0], str(real[a.option_strings[0]]))]
+        extra = ["--cache", str(cache)] if path == ("train",) else []
+        args = [*path, *required, *extra, *(x for n in numeric_options(parser) for x in (n, "-1"))]
+        try:
+            code = main(args)
+        except SystemExit as e:
+            code = e.code
+        except Exception as e:  # noqa: BLE001
+            failures.append(f"pocketlm {' '.join(args)} -> {type(e).__name__}: {e}")
+            continue
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        if code == 0 or len(lines) != 1 or "error" not in lines[0]:
+            failures.append(f"pocketlm {' '.join(args)} -> exit {code}, stderr {lines}")
+    assert not failures, "\n".join(failures)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
