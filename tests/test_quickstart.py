@@ -108,12 +108,12 @@ def test_a_second_quickstart_leaves_a_run_that_stopped_early_byte_identical(tmp_
     again = quickstart("--out", out, "--config", config)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "Traceback" not in again.stderr
+    assert checkpoint_bytes(out / "run") == before
+    assert (out / "run" / "metrics.jsonl").read_bytes() == metrics
     assert again.stdout.splitlines()[:3] == [
         f"quickstart already finished in {out}: nothing to do (--fresh starts over)",
         f"  pretrain stopped early at step 4 of 12: {out / 'run' / 'pretrain' / 'best'}",
         f"  sft stopped early at step 4 of 12: {out / 'run' / 'sft' / 'best'}"]
-    assert checkpoint_bytes(out / "run") == before
-    assert (out / "run" / "metrics.jsonl").read_bytes() == metrics
     # --fresh starts over: the same run again, trained from scratch.
     fresh = quickstart("--out", out, "--config", config, "--fresh")
     assert fresh.returncode == 0, fresh.stderr[-2000:]
