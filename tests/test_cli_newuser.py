@@ -184,3 +184,24 @@ def test_generate_that_fills_the_context_names_the_context_length(tiny_ckpt, cap
                              "--temperature", "0"], capsys)
     assert code == 0, err
     assert f"[length (the model's {model.cfg.block_size}-token context): " in err, err
+
+
+# Row 1, for `pocketlm train`: SFT records what it started from; a stale chain is refused, not continued.
+def test_sft_resumed_after_pretraining_changed_is_refused_with_one_line(cache, tmp_path):
+    from pocketlm.train.config import TrainConfig
+    from pocketlm.train.run import train
+
+    runs = tmp_path / "runs"
+    base = dict(name="mine", runs_dir=str(runs), cache=str(cache), model="tiny", seq_len=64, micro_batch=2,
+                accum_steps=1, pretrain_steps=2, sft_steps=4, eval_every=2, eval_batches=1, sample_tokens=0,
+                device="cpu", pretrain_mix=("fineweb_edu=1",), sft_sources=("primer",), warmup_steps=1)
+    train(TrainConfig(**{**base, "sft_steps": 2}))
+    sft_started = json.loads((runs / "mine" / "sft" / "started_from.json").read_text())
+    assert sft_started["from"] == str(runs / "mine" / "pretrain" / "best")
+    # More pretraining: a better pretrain/best than the one SFT started from.
+    train(TrainConfig(**{**base, "pretrain_steps": 6, "patience": 0}), pipeline="pretrain", resume=True)
+    from pocketlm.files import sha256_file
+    assert sha256_file(runs / "mine" / "pretrain" / "best" / "model.safetensors") != sft_started["sha256"]
+    err = one_line_error(pocketlm("train", "--name", "mine", "--phase", "sft", "--resume",
+                                  *tiny_args(cache, runs), "--sft-steps", "4"))
+    assert f"{runs / 'mine' / 'sft'} is stale: it started from {runs / 'mine' / 'pretrain' / 'best'}" in err, err
