@@ -154,7 +154,8 @@ def test_ckpt_that_is_a_run_or_a_cache_folder_says_what_it_is_and_which_to_pass(
                                   (tmp_path / "runs", "a run folder", run / "sft" / "best"),
                                   (run / "sft", "a training phase's folder", run / "sft" / "best")):
         code, _, err = run_main(["generate", "--ckpt", folder, "--prompt", "Hi"], capsys)
-        assert code == 1 and err == f"pocketlm: error: {folder} is {what}, not a model; pass its model: --ckpt {instead}\n"
+        assert code == 1
+        assert err == f"pocketlm: error: {folder} is {what}, not a model; pass its model: --ckpt {instead}\n"
     code, _, err = run_main(["chat", "--ckpt", cache], capsys)
     assert code == 1 and err.startswith(f"pocketlm: error: {cache} is a token cache, not a model; pass a model folder")
     # A model's weights file stands for its folder.

@@ -11,8 +11,6 @@ import argparse
 import shutil
 from pathlib import Path
 
-import pytest
-
 from pocketlm.cli import build_parser, main
 
 # Where a command has no required path, the option that gets the missing one (the first it has).
@@ -108,7 +106,8 @@ def test_out_of_range_numbers_with_real_inputs_are_one_line(tiny_ckpt, small_cac
     failures = []
     for path in (("tokenizer", "train"), ("train",), ("eval",), ("generate",), ("chat",)):
         parser = parsers[path]
-        required = [o for a in parser._actions if a.required for o in (a.option_strings[0], str(real[a.option_strings[0]]))]
+        required = [x for a in parser._actions if a.required
+                    for x in (a.option_strings[0], str(real[a.option_strings[0]]))]
         extra = ["--cache", str(cache)] if path == ("train",) else []
         args = [*path, *required, *extra, *(x for n in numeric_options(parser) for x in (n, "-1"))]
         try:

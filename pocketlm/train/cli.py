@@ -125,9 +125,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     from pocketlm.train.quickstart import CONFIG
 
     shipped = load_toml(CONFIG).get("train", {})
-    p.add_argument("--steps", type=positive, help="optimizer steps per phase (default: up to "
-                   f"{shipped.get('pretrain_steps')} pretrain steps, with early stopping, and {shipped.get('sft_steps')} "
-                   "SFT steps; with --config, that file's)")
+    p.add_argument("--steps", type=positive, help=f"optimizer steps per phase (default: up to "
+                   f"{shipped.get('pretrain_steps')} pretrain steps, with early stopping, and "
+                   f"{shipped.get('sft_steps')} SFT steps; with --config, that file's)")
     p.add_argument("--device", default="auto", help="auto | cuda | mps | cpu (default: auto)")
     p.add_argument("--fresh", action="store_true", help="delete this quickstart's tokenizer, cache and run and "
                                                          "start over (default: continue, or do nothing if finished)")
