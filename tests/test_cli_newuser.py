@@ -206,3 +206,27 @@ def test_sft_resumed_after_pretraining_changed_is_refused_with_one_line(cache, t
     err = one_line_error(pocketlm("train", "--name", "mine", "--phase", "sft", "--resume",
                                   *tiny_args(cache, runs), "--sft-steps", "4"))
     assert f"{runs / 'mine' / 'sft'} is stale: it started from {runs / 'mine' / 'pretrain' / 'best'}" in err, err
+
+
+def test_quickstart_refuses_an_unusable_device_before_building_anything(tmp_path, capsys):
+    import torch
+
+    if torch.backends.mps.is_available():
+        pytest.skip("MPS is available here")
+    code, out, err = run_main(["quickstart", "--out", tmp_path / "qs", "--device", "mps"], capsys)
+    assert code == 1 and err == "pocketlm: error: --device mps but MPS is not available; use --device auto or cpu\n"
+    assert out == "" and not (tmp_path / "qs").exists()
+
+
+@pytest.mark.parametrize("command, shown", [
+    (["eval"], ["validation batches per source (default: 50)", "rows per batch (default: 8)"]),
+    (["quickstart"], ["(default: runs/quickstart)", "(default: up to 1500 pretrain steps, with early stopping, and 60"]),
+    (["cache", "build"], ["required (here or in the --config file):\n  --tokenizer", "  --out OUT"]),
+])
+def test_help_pages_show_defaults_and_what_is_required(command, shown, capsys):
+    code, out, _ = run_main([*command, "--help"], capsys)
+    text = " ".join(out.split())  # argparse wraps to the terminal's width
+    assert code == 0
+    for s in shown:
+        assert " ".join(s.split()) in text or s in out, (s, out)
+    assert "quickstart.toml" not in out
