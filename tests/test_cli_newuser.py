@@ -81,8 +81,9 @@ def test_a_missing_sft_source_fails_before_pretraining(cache, tmp_path):
     assert "pretrain" not in proc.stdout and not (tmp_path / "runs").exists()
 
 
-def test_sft_alone_without_a_pretrained_model_fails_before_any_folder(cache, tmp_path):
-    err = one_line_error(pocketlm("train", "--name", "mine", "--phase", "sft", *tiny_args(cache, tmp_path / "runs")))
+@pytest.mark.parametrize("how", [["--phase", "sft"], ["--init", "nowhere/best"]])
+def test_sft_without_a_model_to_start_from_fails_before_any_folder(cache, tmp_path, how):
+    err = one_line_error(pocketlm("train", "--name", "mine", *how, *tiny_args(cache, tmp_path / "runs")))
     assert "SFT starts from" in err and "--init" in err, err
     assert not (tmp_path / "runs").exists()
 

@@ -200,7 +200,8 @@ def train(cfg: TrainConfig, model_overrides: dict[str, Any] | None = None, pipel
     limit_mps_memory(device, log)
     tok = cache_tokenizer(Path(cfg.cache))
     check_sources(cfg, phases, tok)
-    if phases == ("sft",) and not (resume and (run_dir / "sft" / "last").exists()):
+    # SFT's start is known now unless this run's pretraining is about to write it.
+    if "sft" in phases and (init or "pretrain" not in phases) and not (resume and (run_dir / "sft" / "last").exists()):
         check_start(sft_start(cfg, init), tok)
     cfg = resolve_steps(cfg, dist.world)
     run = RunContext(cfg, run_dir, device, tok, dist, log)
