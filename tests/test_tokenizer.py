@@ -189,7 +189,7 @@ def test_training_errors(tmp_path: Path) -> None:
         train_tokenizer(iter(["x"]), special_tokens=("<|eot|>",), out_dir=tmp_path)
     with pytest.raises(PocketLMError, match="corpus item 1 is bytes"):
         train_tokenizer(iter(["x", b"y"]), out_dir=tmp_path)
-    with pytest.raises(PocketLMError, match="Vocabulary size too high"):
+    with pytest.raises(PocketLMError, match="--vocab-size 5000 is too large for this text: it supports at most"):
         train_tokenizer(iter(["only a few words here"] * 5), vocab_size=5000, out_dir=tmp_path)
 
 

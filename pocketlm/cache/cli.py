@@ -15,7 +15,7 @@ def register(sub) -> None:
     cache_sub.required = True
     build = cache_sub.add_parser("build", help="build a cache from pretrain and sft source specs")
     build.add_argument("--config", help="TOML file whose [cache] section sets these options")
-    add_dataclass_args(build, CacheConfig)
+    add_dataclass_args(build, CacheConfig, required=("tokenizer", "out"))
     build.set_defaults(handler=_build)
     info = cache_sub.add_parser("info", help="check a cache and print what it holds")
     info.add_argument("dir", help="cache folder")

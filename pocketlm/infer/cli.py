@@ -63,9 +63,22 @@ def run_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(step.text)
         sys.stdout.flush()
     print(file=sys.stdout)
-    print(f"[{gen.finish_reason}: {gen.n_tokens} tokens, prefill {gen.prefill.ms:.1f} ms for "
+    reason = gen.finish_reason
+    if reason == "length" and gen.n_tokens < cfg.max_new_tokens:  # stopped by the context, not --max-new-tokens
+        reason = f"length (the model's {model.cfg.block_size}-token context)"
+    elif reason == "length":
+        reason = f"length (--max-new-tokens {cfg.max_new_tokens})"
+    print(f"[{reason}: {gen.n_tokens} tokens, prefill {gen.prefill.ms:.1f} ms for "
           f"{gen.prefill.n_tokens} tokens, decode {gen.decode_tok_s:.1f} tok/s]", file=sys.stderr)
     return 0
+
+
+def line_editing() -> None:
+    """Arrow keys, line editing and this session's history at the prompt, where Python has readline."""
+    try:
+        import readline  # noqa: F401  (importing it is what makes input() use it)
+    except ImportError:  # e.g. Windows without pyreadline: plain input() still works
+        pass
 
 
 def run_chat(args: argparse.Namespace) -> int:
@@ -73,13 +86,18 @@ def run_chat(args: argparse.Namespace) -> int:
 
     model, tok, cfg = _load(args)
     session = ChatSession(model, tok, cfg, system=args.system)
-    print(f"pocketlm chat: {args.ckpt}. {HELP}. Ctrl-C stops a reply, Ctrl-D quits.", file=sys.stderr)
+    line_editing()
+    print(f"pocketlm chat: {args.ckpt}. {HELP}. Ctrl-C clears the line or stops a reply, Ctrl-D quits.",
+          file=sys.stderr)
     while True:
         try:
             line = input("you> ").strip()
         except EOFError:
             print(file=sys.stderr)
             return 0
+        except KeyboardInterrupt:  # the REPL convention: Ctrl-C drops the line, the conversation stays
+            print(file=sys.stderr)
+            continue
         if not line:
             continue
         note = session.command(line)
@@ -87,15 +105,19 @@ def run_chat(args: argparse.Namespace) -> int:
             print(f"[{note}]", file=sys.stderr)
             continue
         cancel = threading.Event()
-        # While a reply streams, Ctrl-C only asks it to stop; at the prompt it ends the program as usual.
+        # While a reply streams, Ctrl-C only asks it to stop.
         previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
         try:
-            sys.stdout.write("model> ")
-            for text in session.reply(session.message_text(line), cancel):
+            stream = session.reply(session.message_text(line), cancel)
+            # The prompt is fitted before the first piece: a message too long for the context is refused
+            # here, before "model>" is shown.
+            first = next(stream, "")
+            sys.stdout.write("model> " + first)
+            for text in stream:
                 sys.stdout.write(text)
                 sys.stdout.flush()
         except PocketLMError as e:  # a message too long for the context: say so, keep the session
-            print(f"\n[{e}]", file=sys.stderr)
+            print(f"[{e}]", file=sys.stderr)
             continue
         finally:
             signal.signal(signal.SIGINT, previous)

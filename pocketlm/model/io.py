@@ -54,12 +54,39 @@ def save_model(dir: str | Path, model: GPT, tokenizer_path: str | Path, meta: di
     return out
 
 
+def _what_instead(folder: Path) -> str:
+    """What `folder` is when it is not a model folder, and the model folder to pass instead."""
+    if (folder / "meta.json").is_file() and not (folder / INFO_FILE).exists():
+        return f"{folder} is a token cache, not a model; pass a model folder such as runs/NAME/sft/best"
+    if folder.is_file():
+        if folder.name in (WEIGHTS_FILE, INFO_FILE, TOKENIZER_FILE):
+            return f"{folder} is a file of a model folder; pass the folder: --ckpt {folder.parent}"
+        return f"{folder} is a file, not a model folder; pass a folder such as runs/NAME/sft/best"
+    for sub in ("best", "sft/best", "pretrain/best", "run/sft/best", "*/sft/best"):
+        found = sorted(p for p in folder.glob(sub) if (p / INFO_FILE).is_file())
+        if found:
+            kind = {"best": "a training phase's folder", "run/sft/best": "a quickstart folder"}.get(sub, "a run folder")
+            return f"{folder} is {kind}, not a model; pass its model: --ckpt {found[0]}"
+    return (f"{folder / INFO_FILE} is missing: {folder} is not a model folder; pass one such as "
+            "runs/NAME/sft/best (model.safetensors, model.json, tokenizer.model)")
+
+
+def model_folder(dir: str | Path) -> Path:
+    """The folder a --ckpt names: the folder itself, or the folder of a model file given in its place."""
+    path = Path(dir).expanduser()
+    if path.is_file() and path.name in (WEIGHTS_FILE, INFO_FILE) and (path.parent / INFO_FILE).is_file():
+        return path.parent
+    return path
+
+
 def read_model_folder(dir: str | Path) -> tuple[GPTConfig, dict[str, torch.Tensor], dict[str, Any]]:
     """Check a model folder and read it: (config, CPU state dict, model.json contents)."""
     folder = Path(dir).expanduser()
-    if not folder.is_dir():
+    if not folder.exists():
         raise PocketLMError(f"model folder {folder} not found: pass a folder written by training or 'pocketlm import'")
-    for name in (INFO_FILE, WEIGHTS_FILE, TOKENIZER_FILE):
+    if not (folder / INFO_FILE).is_file():
+        raise PocketLMError(_what_instead(folder))
+    for name in (WEIGHTS_FILE, TOKENIZER_FILE):
         if not (folder / name).is_file():
             raise PocketLMError(f"{folder / name} is missing: {folder} is not a complete model folder; "
                                 "re-save it or point to another checkpoint")
@@ -80,8 +107,9 @@ def load_model(dir: str | Path, device: str | torch.device = "cpu") -> tuple[GPT
 
     Weights are read to CPU inside this function, so nothing but the model keeps them alive.
     """
+    dir = model_folder(dir)
     cfg, state, info = read_model_folder(dir)
-    tok = Tokenizer.load(Path(dir).expanduser() / TOKENIZER_FILE)
+    tok = Tokenizer.load(dir / TOKENIZER_FILE)
     if tok.vocab_size > cfg.vocab_size:
         raise PocketLMError(f"{dir}: tokenizer has {tok.vocab_size} ids but the model only {cfg.vocab_size}; "
                             "the folder mixes files from different runs")

@@ -63,6 +63,8 @@ def _train(args: argparse.Namespace) -> int:
     cfg = resolve(TokenizerTrainConfig, args, where="pocketlm tokenizer train")
     if cfg.holdout_every < 2:
         raise PocketLMError(f"--holdout-every must be at least 2, got {cfg.holdout_every}")
+    if cfg.max_sentences < 1:
+        raise PocketLMError(f"--max-sentences must be at least 1, got {cfg.max_sentences}")
     held_out: list[str] = []
     model_path = train_tokenizer(_corpus(args.sources, args.data_dir, cfg.holdout_every, held_out),
                                  vocab_size=cfg.vocab_size, out_dir=args.out, seed=cfg.seed,

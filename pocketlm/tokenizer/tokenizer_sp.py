@@ -122,7 +122,6 @@ def train_tokenizer(corpus_iter: Iterable[str], vocab_size: int = TokenizerTrain
         raise PocketLMError(f"special_tokens must start with {', '.join(SPECIAL_TOKENS)} (fixed ids 1-4); "
                             f"got {', '.join(special_tokens)}")
     out = Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     sample = _Sample(corpus_iter, max_sentences, seed)
     if not sample.chunks:
@@ -139,9 +138,9 @@ def train_tokenizer(corpus_iter: Iterable[str], vocab_size: int = TokenizerTrain
             add_dummy_prefix=False, split_digits=True, allow_whitespace_only_pieces=True,
             max_sentence_length=4 * CHUNK_CHARS, num_threads=TRAIN_THREADS, minloglevel=1)
     except RuntimeError as e:  # sentencepiece reports bad settings (e.g. vocab too large) this way
-        raise PocketLMError(f"tokenizer training failed: {str(e).splitlines()[-1]} "
-                            "(lower --vocab-size or give more text)") from e
+        raise PocketLMError(training_error(str(e), vocab_size)) from e
     train_seconds = time.perf_counter() - t0 - read_seconds
+    out.mkdir(parents=True, exist_ok=True)  # only now: a failed training leaves no folder behind
     model_path = out / MODEL_FILE
     written = atomic_write(model_path, model.getvalue())
     info = {
@@ -155,6 +154,24 @@ def train_tokenizer(corpus_iter: Iterable[str], vocab_size: int = TokenizerTrain
     }
     atomic_write(out / TRAIN_INFO_FILE, (json.dumps(info, indent=2) + "\n").encode())
     return model_path
+
+
+def training_error(message: str, vocab_size: int) -> str:
+    """SentencePiece's complaint as one line whose advice matches its cause."""
+    last = message.strip().splitlines()[-1] if message.strip() else message
+    # Every character of the text (character_coverage=1.0), the required ones, the 256 byte pieces and
+    # the special tokens each take a piece before any longer piece is learnt.
+    small = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", message)
+    if small:
+        need = int(small.group(2))
+        return (f"--vocab-size {vocab_size} is too small: this text needs {need} pieces before any merge (one per "
+                f"character it uses, the required characters, 256 byte pieces and the special tokens); "
+                f"use --vocab-size {need} or more (a useful tokenizer needs several times that)")
+    large = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", message)
+    if large:
+        return (f"--vocab-size {vocab_size} is too large for this text: it supports at most {large.group(2)} "
+                "pieces; lower --vocab-size or give more text")
+    return f"tokenizer training failed: {last}"
 
 
 def _piece_bytes(piece: str) -> bytes:

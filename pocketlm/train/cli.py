@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from pocketlm import PocketLMError
-from pocketlm.config import add_dataclass_args, load_toml, resolve
+from pocketlm.config import add_dataclass_args, checked, load_toml, resolve
 from pocketlm.model.config import GPTConfig
 from pocketlm.train.config import TrainConfig
 
@@ -20,17 +20,28 @@ def read_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any]]:
     if unknown:
         raise PocketLMError(f"{args.config}: unknown table(s) {', '.join(unknown)}; use [train], [model] (and [recipe])")
     where = args.config or "flags"
+    for table in TOML_TABLES:
+        if not isinstance(data.get(table, {}), dict):
+            raise PocketLMError(f"{where}: [{table}] must be a table of keys, got {data[table]!r}")
     cfg = resolve(TrainConfig, args, data.get("train", {}), where=f"{where} [train]")
-    model = dict(data.get("model", {}))
+    model = checked(GPTConfig, dict(data.get("model", {})), where=f"{where} [model]")
     names = {f for f in GPTConfig.__dataclass_fields__}
-    bad = sorted(set(model) - names)
-    if bad:
-        raise PocketLMError(f"{where} [model]: unknown key(s) {', '.join(bad)}; valid: {', '.join(sorted(names))}")
     for name in names:
         value = getattr(args, f"model_{name}", None)
         if value is not None:
             model[name] = value
     return cfg, model
+
+
+def positive(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -70,7 +81,7 @@ def _plot(args: argparse.Namespace) -> int:
 def _quickstart(args: argparse.Namespace) -> int:
     from pocketlm.train.quickstart import quickstart
 
-    return quickstart(args.out, args.data_dir, args.steps, args.device, args.config)
+    return quickstart(args.out, args.data_dir, args.steps, args.device, args.config, args.fresh)
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -93,9 +104,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="validation loss and bits per byte of a checkpoint, per cache source")
     p.add_argument("--ckpt", required=True, help="model folder (e.g. runs/NAME/sft/best)")
     p.add_argument("--cache", required=True, help="token cache folder")
-    p.add_argument("--batches", type=int, default=50, help="validation batches per source")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per batch")
-    p.add_argument("--device", default="auto", help="auto | cuda | mps | cpu")
+    p.add_argument("--batches", type=positive, default=50, help="validation batches per source (default: 50)")
+    p.add_argument("--batch-size", type=positive, default=8, help="rows per batch (default: 8)")
+    p.add_argument("--device", default="auto", help="auto | cuda | mps | cpu (default: auto)")
     p.set_defaults(handler=_eval)
 
     p = sub.add_parser("plan", help="pick micro_batch / accum_steps / checkpointing for a memory budget")
@@ -112,12 +123,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_plot)
 
     p = sub.add_parser("quickstart", help="the whole pipeline at a small scale, offline, in minutes")
-    p.add_argument("--out", default="runs/quickstart", help="folder for tokenizer, cache and run")
+    p.add_argument("--out", default="runs/quickstart", help="folder for tokenizer, cache and run "
+                                                             "(default: runs/quickstart)")
     p.add_argument("--data-dir", help="local data mirror: use the real datasets instead of the embedded text")
     p.add_argument("--config", help="a recipe TOML ([recipe], [train], [model]), e.g. configs/v1.toml: the real "
                                     "recipe, judged on held-out prompts at the end")
-    p.add_argument("--steps", type=int, help="optimizer steps per phase (default: pocketlm/train/quickstart.toml)")
-    p.add_argument("--device", default="auto", help="auto | cuda | mps | cpu")
+    from pocketlm.train.quickstart import CONFIG
+
+    shipped = load_toml(CONFIG).get("train", {})
+    p.add_argument("--steps", type=positive, help=f"optimizer steps per phase (default: up to "
+                   f"{shipped.get('pretrain_steps')} pretrain steps, with early stopping, and "
+                   f"{shipped.get('sft_steps')} SFT steps; with --config, that file's)")
+    p.add_argument("--device", default="auto", help="auto | cuda | mps | cpu (default: auto)")
+    p.add_argument("--fresh", action="store_true", help="delete this quickstart's tokenizer, cache and run and "
+                                                         "start over (default: continue, or do nothing if finished)")
     p.set_defaults(handler=_quickstart)
 
     p = sub.add_parser("doctor", help="what this machine does with pocketlm, measured, as JSON to paste into an issue")

@@ -8,13 +8,30 @@ from pocketlm import PocketLMError
 from pocketlm.train import metrics
 
 
+def find_run(folder: Path) -> Path:
+    """The run folder meant by `folder`: itself, the run around a phase folder (runs/NAME/sft), or the one
+    run inside a folder that holds it (a quickstart's --out holds its run in run/)."""
+    if (folder / "metrics.jsonl").is_file():
+        return folder
+    if not folder.is_dir():
+        raise PocketLMError(f"{folder} not found: pass a run folder (runs/NAME, or a quickstart's runs/quickstart/run)")
+    around = [p for p in (folder.parent, folder.parent.parent) if (p / "metrics.jsonl").is_file()]
+    inside = sorted(p.parent for p in folder.glob("*/metrics.jsonl"))
+    found = around[:1] or inside
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise PocketLMError(f"{folder} holds several runs: pass one of {', '.join(str(p) for p in found)}")
+    raise PocketLMError(f"{folder} has no metrics.jsonl: pass a run folder that has trained (runs/NAME)")
+
+
 def plot_run(run_dir: str | Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed (servers, CI)
     import matplotlib.pyplot as plt
 
-    run_dir = Path(run_dir)
+    run_dir = find_run(Path(run_dir))
     records = metrics.read(run_dir / "metrics.jsonl")
     if not records:
         raise PocketLMError(f"{run_dir / 'metrics.jsonl'} is missing or empty: pass a run folder that has trained")
