@@ -126,3 +126,39 @@ def test_prediction_within_15_percent_of_measured_cpu_peak(micro_batch):
     cfg = GPTConfig.v1(n_layer=2, n_embd=128, n_head=4, vocab_size=4000)
     assert r["predicted_bytes"] == estimate(cfg, micro_batch, 256, "fp32", "cpu", False).live
     assert 0.85 < r["ratio"] < 1.15, r
+
+
+def _plan(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pocketlm", "plan", *args], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+
+
+def _value(stdout: str, key: str) -> str:
+    return next(line.split()[1] for line in stdout.splitlines() if line.startswith(key))
+
+
+def test_plan_of_a_config_keeps_its_tokens_per_step():
+    r = _plan("--config", "configs/m4_16gb.toml")
+    assert r.returncode == 0, r.stderr
+    train = load_toml(REPO / "configs" / "m4_16gb.toml")["train"]
+    assert int(_value(r.stdout, "micro_batch")) == train["micro_batch"]
+    assert int(_value(r.stdout, "accum_steps")) == train["accum_steps"]
+    assert f"({train['micro_batch'] * train['accum_steps'] * train['seq_len']:,} tokens per step)" in r.stdout
+
+
+@pytest.mark.skipif(__import__("torch").backends.mps.is_available(), reason="the default is this Mac's device")
+def test_plan_without_flags_says_it_plans_for_mps():
+    r = _plan()
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0].startswith("planning for mps (an Apple GPU, the default)")
+    assert "planning for" not in _plan("--device", "cpu").stdout  # a device named: nothing to point out
+
+
+def test_out_of_memory_hint_names_a_flag_plan_takes():
+    r = _plan("--memory", "1.4GB")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "lower --seq-len" in lines[0], lines
+    shorter = _plan("--memory", "1.4GB", "--seq-len", "128")  # the hint works
+    assert shorter.returncode == 0, shorter.stderr
+    assert "checkpointing on" in shorter.stdout

@@ -48,6 +48,7 @@ from pocketlm.model.config import GPTConfig
 from pocketlm.model.loss import CHUNK_TOKENS
 from pocketlm.train.config import TrainConfig
 
+DEFAULT_BATCH_TOKENS = 65536  # tokens per optimizer step when neither --batch-tokens nor a config says
 ACT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 OVERHEAD = 1.10
 # Share of the device memory training may use on CUDA (a card keeps some for its context) and CPU.
@@ -179,8 +180,9 @@ def plan(cfg: GPTConfig, seq_len: int, device: str, memory: int, batch_tokens: i
             est = estimate(cfg, b, seq_len, prec, device, ckpt)
             if b >= smallest and est.total <= budget:
                 return Plan(b, max(1, math.ceil(batch_tokens / (b * seq_len))), ckpt, prec, est, budget)
-    raise PocketLMError(f"even micro_batch 1 with checkpointing needs more than {budget / 2**30:.1f} GiB; "
-                        "lower --seq-len or use a smaller model")
+    raise PocketLMError(f"even micro_batch 1 with checkpointing needs more than the {budget / 2**30:.2f} GiB usable "
+                        f"of --memory {memory / 2**30:.1f} GiB at seq_len {seq_len}; lower --seq-len or use a "
+                        "smaller model (--model-n-layer, --model-n-embd)")
 
 
 def describe(p: Plan, seq_len: int) -> str:
