@@ -1,4 +1,5 @@
-"""The memory planner: parameter count, choices under a budget, and predictions vs measured CPU peaks."""
+"""The memory planner (parameter count, choices under a budget, predictions vs what autograd keeps and vs
+measured CPU peaks), `pocketlm plan` as a user runs it, and the time estimate's peak and CPU timing."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from bench.mps_memory import measure
 from pocketlm import PocketLMError
 from pocketlm.config import load_toml
 from pocketlm.model import GPT, GPTConfig
-from bench.mps_memory import measure
+from pocketlm.train.budget import apple_gpu_cores, gpu_cores, peak
 from pocketlm.train.plan import METAL_FREE, METAL_WORKING_SET, estimate, n_params, parse_memory, plan, usable
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,3 +165,53 @@ def test_out_of_memory_hint_names_a_flag_plan_takes():
     shorter = _plan("--memory", "1.4GB", "--seq-len", "128")  # the hint works
     assert shorter.returncode == 0, shorter.stderr
     assert "checkpointing on" in shorter.stdout
+
+
+# `system_profiler SPDisplaysDataType` on a base M4 Mac mini (abridged), and `ioreg -rc AGXAccelerator -d 1`.
+PROFILER = """Graphics/Displays:
+
+    Apple M4:
+
+      Chipset Model: Apple M4
+      Type: GPU
+      Bus: Built-In
+      Total Number of Cores: 10
+      Vendor: Apple (0x106b)
+      Metal Support: Metal 3
+"""
+IOREG = """+-o AGXAcceleratorG16G  <class AGXAcceleratorG16G, id 0x1000003a1, registered, matched, active>
+    {
+      "gpu-core-count" = 8
+      "IOClass" = "AGXAcceleratorG16G"
+    }
+"""
+
+
+def test_gpu_core_count_read_from_the_system_reports():
+    assert gpu_cores(PROFILER) == 10
+    assert gpu_cores(IOREG) == 8
+    assert gpu_cores("") is None and gpu_cores("Total Number of Cores: lots") is None
+
+
+def test_m4_peak_from_its_core_count_else_the_lower_published_figure(monkeypatch):
+    monkeypatch.setattr("pocketlm.train.budget.apple_gpu_cores", lambda: 10)
+    assert peak("Apple M4", "fp16") == pytest.approx(3.8e12)
+    monkeypatch.setattr("pocketlm.train.budget.apple_gpu_cores", lambda: None)
+    assert peak("Apple M4", "fp16") == pytest.approx(3.0e12)
+    assert peak("Apple M4 Pro", "fp16") == pytest.approx(9.2e12)  # the table, core count not asked
+    assert apple_gpu_cores() is None or sys.platform == "darwin"  # never fails off a Mac
+
+
+def test_cpu_run_prints_a_timed_time_estimate(small_cache, data_dir):
+    from pocketlm.train.budget import resolve_steps
+    from pocketlm.train.config import TrainConfig
+    from pocketlm.train.run import print_plan
+
+    cache = small_cache([("fineweb_edu:take=40", "pretrain")], data_dir)
+    cfg = resolve_steps(TrainConfig(cache=str(cache), seq_len=64, micro_batch=4, accum_steps=1, pretrain_steps=100,
+                                    pretrain_mix=("fineweb_edu=1",), device="cpu"))
+    lines: list[str] = []
+    print_plan(cfg, GPTConfig.tiny(vocab_size=2000), ("pretrain",), torch.device("cpu"), 1, lines.append)
+    assert "unknown on this device" not in lines[0] and "(estimate)" in lines[0], lines
+    speed = next(line for line in lines if line.startswith("plan speed"))
+    assert "timed here: 2 forward+backward passes of one 64-token row" in speed, speed
