@@ -76,6 +76,32 @@ def test_fake_tensors_count_what_real_tensors_keep(path):
     assert measure(cfg, 2, 128, path, fake=True) == measure(cfg, 2, 128, path, fake=False)
 
 
+def test_the_mps_code_branch_keeps_what_the_emulation_counts():
+    # Under the MPS-rules mode attention takes the MPS branch (contiguous q/k/v, the SDPA self-check):
+    # the copies it makes are not kept for backward, so the count is the emulation's.
+    from pocketlm.mps_rules import MPSRules
+
+    cfg = GPTConfig.tiny()
+    plain = measure(cfg, 2, 128, "mps", fake=False)
+    with MPSRules():
+        assert measure(cfg, 2, 128, "mps", fake=False) == plain
+
+
+def test_mps_peak_with_the_backward_within_10_percent_of_the_emulated_step():
+    """Peak RSS growth of one whole fp16 training step with math attention on the CPU (MPS's path, the
+    backward's T x T temporaries included), in a fresh process, against the planner's MPS `live`."""
+    out = subprocess.run(
+        [sys.executable, "bench/train_step.py", "--device", "cpu", "--modes", "fp16+math", "--n-layer", "2",
+         "--n-embd", "128", "--n-head", "4", "--vocab-size", "4000", "--seq-len", "256", "--micro-batch", "2",
+         "--steps", "1", "--json", "--no-record"],
+        cwd=REPO, check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = json.loads(out.stdout)
+    cfg = GPTConfig.v1(n_layer=2, n_embd=128, n_head=4, vocab_size=4000)
+    e = estimate(cfg, 2, 256, "fp16", "mps", False)
+    assert r["predicted_bytes"] == e.live and e.backward > 0
+    assert 0.9 < r["ratio"] < 1.1, r
+
+
 def test_mps_peak_adds_the_attention_backward_temporaries():
     # The math path's backward holds the probabilities' and the scores' gradients (fp32, B*H*T*T each) for
     # one layer at a time; past the loss's chunk of logits they set the peak.
