@@ -132,7 +132,8 @@ def timed_tok_per_s(model_cfg: Any, seq_len: int, precision: str, device: torch.
     from pocketlm.model import GPT
     from pocketlm.train.precision import Precision
 
-    model = GPT(model_cfg).to(device)
+    with torch.random.fork_rng(devices=[]):  # the run's own initialisation draws stay as they were
+        model = GPT(model_cfg).to(device)
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(0, model_cfg.vocab_size, (1, seq_len), generator=gen).to(device)
     doc_ids = torch.zeros_like(x)
