@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -37,7 +38,10 @@ TYPICAL_MFU = {("cuda", True): 0.22, ("cuda", False): 0.13, ("mps", False): 0.30
 # one (fp16 runs at the fp32 rate on Apple GPUs), so ~0.38 a core; the lower figure when the count is unknown.
 M4_TFLOPS_PER_GPU_CORE = 0.38
 M4_TFLOPS_UNKNOWN_CORES = 3.0
-TIMED_PASSES = 2  # CPU: forward + backward passes timed (after one untimed) for the time estimate
+# CPU: forward + backward passes timed (after one untimed) for the time estimate, the median taken (a
+# shared machine's neighbours make single passes jump), on at most TIMED_TOKENS tokens of the micro-batch.
+TIMED_PASSES = 3
+TIMED_TOKENS = 1024
 ASSUMED = "typical MFU, not measured"
 
 
@@ -126,29 +130,30 @@ def estimate_tok_per_s(flops_per_token: float, chip: str, precision: str, device
     return p * mfu / flops_per_token if p and mfu else None
 
 
-def timed_tok_per_s(model_cfg: Any, seq_len: int, precision: str, device: torch.device) -> float:
-    """Tokens/s of forward + backward on one row of `seq_len` tokens (one document, the masked path
-    training takes), timed over TIMED_PASSES passes after an untimed one; the optimizer is not counted."""
+def timed_tok_per_s(model_cfg: Any, seq_len: int, rows: int, precision: str, device: torch.device) -> float:
+    """Tokens/s of forward + backward on `rows` rows of `seq_len` tokens (one document a row, the masked
+    path training takes): the median of TIMED_PASSES passes after an untimed one; no optimizer step."""
     from pocketlm.model import GPT
     from pocketlm.train.precision import Precision
 
     with torch.random.fork_rng(devices=[]):  # the run's own initialisation draws stay as they were
         model = GPT(model_cfg).to(device)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randint(0, model_cfg.vocab_size, (1, seq_len), generator=gen).to(device)
+    x = torch.randint(0, model_cfg.vocab_size, (rows, seq_len), generator=gen).to(device)
     doc_ids = torch.zeros_like(x)
     prec = Precision.create(device, precision)
-    for i in range(TIMED_PASSES + 1):
-        if i == 1:
-            start = time.perf_counter()
+    seconds = []
+    for _ in range(TIMED_PASSES + 1):
+        start = time.perf_counter()
         with prec.autocast():
             _, loss = model(x, x, doc_ids=doc_ids, return_logits=False)
         loss.backward()
         model.zero_grad(set_to_none=True)
-    return TIMED_PASSES * seq_len / (time.perf_counter() - start)
+        seconds.append(time.perf_counter() - start)
+    return rows * seq_len / statistics.median(seconds[1:])
 
 
-def estimate_speed(model_cfg: Any, seq_len: int, device: torch.device, precision: str,
+def estimate_speed(model_cfg: Any, seq_len: int, micro_batch: int, device: torch.device, precision: str,
                    compiled: bool) -> tuple[float | None, str]:
     """(tokens/s or None, how it was obtained) for the run's time estimate."""
     from pocketlm.train.loop import flops_per_token
@@ -156,9 +161,10 @@ def estimate_speed(model_cfg: Any, seq_len: int, device: torch.device, precision
     from pocketlm.train.precision import device_name
 
     if device.type == "cpu":
-        return (timed_tok_per_s(model_cfg, seq_len, precision, device),
-                f"timed here: {TIMED_PASSES} forward+backward passes of one {seq_len}-token row, optimizer "
-                "and evaluations not counted")
+        rows = max(1, min(micro_batch, TIMED_TOKENS // seq_len))
+        return (timed_tok_per_s(model_cfg, seq_len, rows, precision, device),
+                f"timed here: median of {TIMED_PASSES} forward+backward passes of {rows} x {seq_len} tokens, "
+                "optimizer and evaluations not counted")
     return estimate_tok_per_s(flops_per_token(model_cfg, n_params(model_cfg), seq_len), device_name(device),
                               precision, device.type, compiled), ASSUMED
 

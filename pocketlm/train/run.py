@@ -59,7 +59,8 @@ def print_plan(cfg: TrainConfig, mcfg: GPTConfig, phases: tuple[str, ...], devic
                log) -> None:
     """Steps, tokens, passes over each source and an estimated time per phase, with warnings."""
     chip = device_name(device)
-    speed, basis = estimate_speed(mcfg, cfg.seq_len, device, resolve_precision(device, cfg.precision),
+    speed, basis = estimate_speed(mcfg, cfg.seq_len, cfg.micro_batch, device,
+                                  resolve_precision(device, cfg.precision),
                                   cfg.compile if cfg.compile is not None else device.type == "cuda")
     budgets = [phase_budget(cfg, name, world) for name in phases]
     for line in describe_budget(budgets, speed and speed * world, chip, cfg.patience, cfg.eval_every, basis):
