@@ -241,3 +241,10 @@ def test_cpu_run_prints_a_timed_time_estimate(small_cache, data_dir):
     assert "unknown on this device" not in lines[0] and "(estimate)" in lines[0], lines
     speed = next(line for line in lines if line.startswith("plan speed"))
     assert "timed here: median of 3 forward+backward passes of 4 x 64 tokens" in speed, speed
+
+
+def test_plan_refuses_a_seq_len_the_model_cannot_take():
+    r = _plan("--device", "mps", "--seq-len", "4096")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == ("pocketlm: error: --seq-len 4096: use 1 to the model's block_size 1024 "
+                                "(or raise --model-block-size)")

@@ -236,6 +236,9 @@ def plan_cli(cfg: TrainConfig, model_overrides: dict[str, Any], device: str, mem
     from pocketlm.train.run import PRESETS
 
     mcfg = GPTConfig(**{**PRESETS[cfg.model]().to_dict(), **model_overrides})
+    if not 0 < cfg.seq_len <= mcfg.block_size:
+        raise PocketLMError(f"--seq-len {cfg.seq_len}: use 1 to the model's block_size {mcfg.block_size} "
+                            "(or raise --model-block-size)")
     p = plan(mcfg, cfg.seq_len, device, parse_memory(memory), batch_tokens, cfg.precision, metal_limit(device))
     print(describe(p, cfg.seq_len))
     if write:
