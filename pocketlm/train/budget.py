@@ -2,16 +2,26 @@
 estimated time, and warnings when the plan repeats the data more than a few times.
 
 Printed before training starts, so a run that would memorise its corpus says so before it spends the
-night doing it. The time is an estimate: FLOPs per token over the device's peak times a typical share
-of that peak (MFU) measured or reported for this kind of device, evaluations not counted.
+night doing it. The time is an estimate, evaluations not counted: on CUDA and MPS FLOPs per token over
+the device's peak times a typical share of that peak (MFU) measured or reported for this kind of
+device; on the CPU, where no such share is known, a few forward + backward passes timed on the spot.
+An M4's peak comes from its GPU core count when the system reports it (8- and 10-core parts differ).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
+import statistics
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from pocketlm import PocketLMError
 from pocketlm.cache.shards import Cache
@@ -24,6 +34,15 @@ MAX_PASSES = 4.0
 # Typical model FLOP utilisation: CUDA measured here (v1, bf16: 22-23% compiled on an H100, 12-13% eager on
 # an H200); MPS from peers' reports on Apple GPUs (30-50%; the low end, eager PyTorch). CPU: no estimate.
 TYPICAL_MFU = {("cuda", True): 0.22, ("cuda", False): 0.13, ("mps", False): 0.30, ("mps", True): 0.30}
+# A base M4's GPU: published figures are 3.76-4.1 TFLOP/s for the 10-core part and about 3.0 for the 8-core
+# one (fp16 runs at the fp32 rate on Apple GPUs), so ~0.38 a core; the lower figure when the count is unknown.
+M4_TFLOPS_PER_GPU_CORE = 0.38
+M4_TFLOPS_UNKNOWN_CORES = 3.0
+# CPU: forward + backward passes timed (after one untimed) for the time estimate, the median taken (a
+# shared machine's neighbours make single passes jump), on at most TIMED_TOKENS tokens of the micro-batch.
+TIMED_PASSES = 3
+TIMED_TOKENS = 1024
+ASSUMED = "typical MFU, not measured"
 
 
 @dataclass(frozen=True)
@@ -72,17 +91,87 @@ def phase_budget(cfg: TrainConfig, name: str, world: int = 1) -> PhaseBudget:
     return PhaseBudget(name, steps, warmup_for(cfg, steps), tokens, passes)
 
 
-def estimate_tok_per_s(flops_per_token: float, chip: str, precision: str, device_type: str,
-                       compiled: bool) -> float | None:
+def gpu_cores(report: str) -> int | None:
+    """The GPU core count in `system_profiler SPDisplaysDataType` ("Total Number of Cores: 10") or
+    `ioreg` ("gpu-core-count" = 10) output; None when it says neither."""
+    m = re.search(r"Total Number of Cores:\s*(\d+)", report) or re.search(r'"gpu-core-count"\s*=\s*(\d+)', report)
+    return int(m.group(1)) if m and int(m.group(1)) > 0 else None
+
+
+def apple_gpu_cores() -> int | None:
+    """This Mac's GPU core count, or None (not a Mac, or neither tool answered in time): never raises."""
+    if sys.platform != "darwin":
+        return None
+    for cmd in (["system_profiler", "SPDisplaysDataType"], ["ioreg", "-rc", "AGXAccelerator", "-d", "1"]):
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=15)
+        except (OSError, subprocess.SubprocessError, ValueError):
+            continue
+        cores = gpu_cores(out.stdout or "")
+        if cores:
+            return cores
+    return None
+
+
+def peak(chip: str, precision: str) -> float | None:
+    """Peak FLOP/s for the time estimate: a base M4's from its GPU core count (or the lower published
+    figure), every other device's from the table in train/precision.py."""
     from pocketlm.train.precision import peak_flops
 
-    peak, mfu = peak_flops(chip, precision), TYPICAL_MFU.get((device_type, compiled))
-    return peak * mfu / flops_per_token if peak and mfu else None
+    if re.search(r"Apple M4(?! (Pro|Max))", chip):
+        cores = apple_gpu_cores()
+        return (M4_TFLOPS_PER_GPU_CORE * cores if cores else M4_TFLOPS_UNKNOWN_CORES) * 1e12
+    return peak_flops(chip, precision)
+
+
+def estimate_tok_per_s(flops_per_token: float, chip: str, precision: str, device_type: str,
+                       compiled: bool) -> float | None:
+    p, mfu = peak(chip, precision), TYPICAL_MFU.get((device_type, compiled))
+    return p * mfu / flops_per_token if p and mfu else None
+
+
+def timed_tok_per_s(model_cfg: Any, seq_len: int, rows: int, precision: str, device: torch.device) -> float:
+    """Tokens/s of forward + backward on `rows` rows of `seq_len` tokens (one document a row, the masked
+    path training takes): the median of TIMED_PASSES passes after an untimed one; no optimizer step."""
+    from pocketlm.model import GPT
+    from pocketlm.train.precision import Precision
+
+    with torch.random.fork_rng(devices=[]):  # the run's own initialisation draws stay as they were
+        model = GPT(model_cfg).to(device)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, model_cfg.vocab_size, (rows, seq_len), generator=gen).to(device)
+    doc_ids = torch.zeros_like(x)
+    prec = Precision.create(device, precision)
+    seconds = []
+    for _ in range(TIMED_PASSES + 1):
+        start = time.perf_counter()
+        with prec.autocast():
+            _, loss = model(x, x, doc_ids=doc_ids, return_logits=False)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        seconds.append(time.perf_counter() - start)
+    return rows * seq_len / statistics.median(seconds[1:])
+
+
+def estimate_speed(model_cfg: Any, seq_len: int, micro_batch: int, device: torch.device, precision: str,
+                   compiled: bool) -> tuple[float | None, str]:
+    """(tokens/s or None, how it was obtained) for the run's time estimate."""
+    from pocketlm.train.loop import flops_per_token
+    from pocketlm.train.plan import n_params
+    from pocketlm.train.precision import device_name
+
+    if device.type == "cpu":
+        rows = max(1, min(micro_batch, TIMED_TOKENS // seq_len))
+        return (timed_tok_per_s(model_cfg, seq_len, rows, precision, device),
+                f"timed here: median of {TIMED_PASSES} forward+backward passes of {rows} x {seq_len} tokens, "
+                "optimizer and evaluations not counted")
+    return estimate_tok_per_s(flops_per_token(model_cfg, n_params(model_cfg), seq_len), device_name(device),
+                              precision, device.type, compiled), ASSUMED
 
 
 def describe_budget(phases: list[PhaseBudget], tok_per_s: float | None, chip: str, patience: int,
-                    eval_every: int) -> list[str]:
-    """The plan as printed lines, warnings last."""
+                    eval_every: int, basis: str = ASSUMED) -> list[str]:
+    """The plan as printed lines, warnings last; `basis` says where tok_per_s comes from."""
     lines, warnings = [], []
     for p in phases:
         per_source = ", ".join(f"{s} {x:.2f}" for s, x in sorted(p.passes.items()))
@@ -96,7 +185,7 @@ def describe_budget(phases: list[PhaseBudget], tok_per_s: float | None, chip: st
                 warnings.append(f"warning: {p.name} sees {s} {x:.1f} times (more than {MAX_PASSES:g} passes): "
                                 f"expect it to memorise; {stop}. Lower --tokens/--epochs or add data")
     if tok_per_s:
-        lines.append(f"plan speed: ~{tok_per_s:,.0f} tokens/s assumed on {chip} (typical MFU, not measured)")
+        lines.append(f"plan speed: ~{tok_per_s:,.0f} tokens/s on {chip} ({basis})")
     return lines + warnings
 
 

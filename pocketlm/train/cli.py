@@ -64,10 +64,23 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from pocketlm.train.plan import plan_cli
+    from pocketlm.train.plan import DEFAULT_BATCH_TOKENS, plan_cli
 
     cfg, model = read_config(args)
-    return plan_cli(cfg, model, args.device, args.memory, args.batch_tokens, args.write)
+    train = load_toml(args.config).get("train", {}) if args.config else {}
+    # The device: --device, else the config's, else an Apple GPU (the machine this project targets), said
+    # out loud: on a Linux box the plan is otherwise easy to mistake for one of this machine.
+    device = args.device or (cfg.device if cfg.device in ("mps", "cuda", "cpu") else None)
+    if device is None:
+        device = "mps"
+        print("planning for mps (an Apple GPU, the default); pass --device cuda or --device cpu to plan for "
+              "another device")
+    # Tokens per step: --batch-tokens, else the config's own micro_batch x accum_steps x seq_len.
+    batch_tokens = args.batch_tokens
+    if batch_tokens is None:
+        given = "micro_batch" in train or "accum_steps" in train
+        batch_tokens = cfg.micro_batch * cfg.accum_steps * cfg.seq_len if given else DEFAULT_BATCH_TOKENS
+    return plan_cli(cfg, model, device, args.memory, batch_tokens, args.write)
 
 
 def _plot(args: argparse.Namespace) -> int:
@@ -111,9 +124,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("plan", help="pick micro_batch / accum_steps / checkpointing for a memory budget")
     p.add_argument("--config", help="TOML with [train] and [model] tables to plan for")
-    p.add_argument("--device", default="mps", choices=("mps", "cuda", "cpu"), help="device to plan for")
-    p.add_argument("--memory", default="16GB", help="device (unified) memory, e.g. 16GB, 80GB")
-    p.add_argument("--batch-tokens", type=int, default=65536, help="target tokens per optimizer step")
+    p.add_argument("--device", choices=("mps", "cuda", "cpu"),
+                   help="device to plan for (default: the config's device, else mps)")
+    p.add_argument("--memory", default="16GB", help="device (unified) memory, e.g. 16GB, 80GB (default: 16GB)")
+    p.add_argument("--batch-tokens", type=int,
+                   help="target tokens per optimizer step (default: the config's micro_batch x accum_steps x "
+                        "seq_len, else 65536)")
+    p.add_argument("--seq-len", type=int, help="tokens per row (default: the config's, else 1024)")
     p.add_argument("--write", help="write the planned config as TOML to this path")
     add_dataclass_args(p, GPTConfig, prefix="model-")
     p.set_defaults(handler=_plan)

@@ -23,10 +23,10 @@ from pocketlm.model import GPT, GPTConfig
 from pocketlm.model.io import INFO_FILE, WEIGHTS_FILE, load_model
 from pocketlm.tokenizer.tokenizer_sp import MODEL_FILE, Tokenizer
 from pocketlm.train import ddp, metrics
-from pocketlm.train.budget import describe_budget, estimate_tok_per_s, phase_budget, resolve_steps
+from pocketlm.train.budget import describe_budget, estimate_speed, phase_budget, resolve_steps
 from pocketlm.train.checkpoint import load_state
 from pocketlm.train.config import TrainConfig, config_dict
-from pocketlm.train.loop import RunContext, flops_per_token, run_phase
+from pocketlm.train.loop import RunContext, run_phase
 from pocketlm.train.precision import device_name, resolve_precision
 from pocketlm.train.pretrain import parse_mix, pretrain_phase
 from pocketlm.train.sft import sft_phase
@@ -64,14 +64,12 @@ def print_plan(cfg: TrainConfig, mcfg: GPTConfig, phases: tuple[str, ...], devic
                log) -> list[str]:
     """Steps, tokens, passes over each source and an estimated time per phase, with warnings; returns
     the lines (config.json keeps them for the run page)."""
-    from pocketlm.train.plan import n_params
-
     chip = device_name(device)
-    speed = estimate_tok_per_s(flops_per_token(mcfg, n_params(mcfg), cfg.seq_len), chip,
-                               resolve_precision(device, cfg.precision), device.type,
-                               cfg.compile if cfg.compile is not None else device.type == "cuda")
+    speed, basis = estimate_speed(mcfg, cfg.seq_len, cfg.micro_batch, device,
+                                  resolve_precision(device, cfg.precision),
+                                  cfg.compile if cfg.compile is not None else device.type == "cuda")
     budgets = [phase_budget(cfg, name, world) for name in phases]
-    lines = describe_budget(budgets, speed and speed * world, chip, cfg.patience, cfg.eval_every)
+    lines = describe_budget(budgets, speed and speed * world, chip, cfg.patience, cfg.eval_every, basis)
     for line in lines:
         log(line)
     return lines
