@@ -16,7 +16,7 @@ from bench.mps_memory import measure
 from pocketlm import PocketLMError
 from pocketlm.config import load_toml
 from pocketlm.model import GPT, GPTConfig
-from pocketlm.train.budget import apple_gpu_cores, gpu_cores, peak
+from pocketlm.train.precision import apple_gpu_cores, gpu_cores, peak_flops
 from pocketlm.train.plan import METAL_FREE, METAL_WORKING_SET, estimate, n_params, parse_memory, plan, usable
 
 REPO = Path(__file__).resolve().parents[1]
@@ -220,11 +220,11 @@ def test_gpu_core_count_read_from_the_system_reports():
 
 
 def test_m4_peak_from_its_core_count_else_the_lower_published_figure(monkeypatch):
-    monkeypatch.setattr("pocketlm.train.budget.apple_gpu_cores", lambda: 10)
-    assert peak("Apple M4", "fp16") == pytest.approx(3.8e12)
-    monkeypatch.setattr("pocketlm.train.budget.apple_gpu_cores", lambda: None)
-    assert peak("Apple M4", "fp16") == pytest.approx(3.0e12)
-    assert peak("Apple M4 Pro", "fp16") == pytest.approx(9.2e12)  # the table, core count not asked
+    monkeypatch.setattr("pocketlm.train.precision.apple_gpu_cores", lambda: 10)
+    assert peak_flops("Apple M4", "fp16") == pytest.approx(3.8e12)
+    monkeypatch.setattr("pocketlm.train.precision.apple_gpu_cores", lambda: None)
+    assert peak_flops("Apple M4", "fp16") == pytest.approx(3.0e12)
+    assert peak_flops("Apple M4 Pro", "fp16") == pytest.approx(9.2e12)  # the table, core count not asked
     assert apple_gpu_cores() is None or sys.platform == "darwin"  # never fails off a Mac
 
 

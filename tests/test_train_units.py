@@ -66,7 +66,6 @@ def test_peak_flops_table_and_unknown_devices():
     assert peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989e12
     assert peak_flops("NVIDIA H100 PCIe", "bf16") == 756e12
     assert peak_flops("Apple M4 Max", "fp16") == 18.4e12
-    assert peak_flops("Apple M4", "fp32") == 4.4e12
     assert peak_flops("x86_64", "fp32") is None
     assert peak_flops("NVIDIA GeForce GTX 1080", "fp32") is None
 

@@ -5,17 +5,14 @@ Printed before training starts, so a run that would memorise its corpus says so 
 night doing it. The time is an estimate, evaluations not counted: on CUDA and MPS FLOPs per token over
 the device's peak times a typical share of that peak (MFU) measured or reported for this kind of
 device; on the CPU, where no such share is known, a few forward + backward passes timed on the spot.
-An M4's peak comes from its GPU core count when the system reports it (8- and 10-core parts differ).
+Peaks come from train/precision.py (an M4's from its GPU core count when the system reports it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import re
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +23,7 @@ import torch
 from pocketlm import PocketLMError
 from pocketlm.cache.shards import Cache
 from pocketlm.train.config import TrainConfig, warmup_for
+from pocketlm.train.precision import peak_flops
 from pocketlm.train.pretrain import parse_mix
 
 # Passes over a source past which the plan warns: on this project's FineWeb sample the v1 model's
@@ -34,10 +32,6 @@ MAX_PASSES = 4.0
 # Typical model FLOP utilisation: CUDA measured here (v1, bf16: 22-23% compiled on an H100, 12-13% eager on
 # an H200); MPS from peers' reports on Apple GPUs (30-50%; the low end, eager PyTorch). CPU: no estimate.
 TYPICAL_MFU = {("cuda", True): 0.22, ("cuda", False): 0.13, ("mps", False): 0.30, ("mps", True): 0.30}
-# A base M4's GPU: published figures are 3.76-4.1 TFLOP/s for the 10-core part and about 3.0 for the 8-core
-# one (fp16 runs at the fp32 rate on Apple GPUs), so ~0.38 a core; the lower figure when the count is unknown.
-M4_TFLOPS_PER_GPU_CORE = 0.38
-M4_TFLOPS_UNKNOWN_CORES = 3.0
 # CPU: forward + backward passes timed (after one untimed) for the time estimate, the median taken (a
 # shared machine's neighbours make single passes jump), on at most TIMED_TOKENS tokens of the micro-batch.
 TIMED_PASSES = 3
@@ -91,42 +85,9 @@ def phase_budget(cfg: TrainConfig, name: str, world: int = 1) -> PhaseBudget:
     return PhaseBudget(name, steps, warmup_for(cfg, steps), tokens, passes)
 
 
-def gpu_cores(report: str) -> int | None:
-    """The GPU core count in `system_profiler SPDisplaysDataType` ("Total Number of Cores: 10") or
-    `ioreg` ("gpu-core-count" = 10) output; None when it says neither."""
-    m = re.search(r"Total Number of Cores:\s*(\d+)", report) or re.search(r'"gpu-core-count"\s*=\s*(\d+)', report)
-    return int(m.group(1)) if m and int(m.group(1)) > 0 else None
-
-
-def apple_gpu_cores() -> int | None:
-    """This Mac's GPU core count, or None (not a Mac, or neither tool answered in time): never raises."""
-    if sys.platform != "darwin":
-        return None
-    for cmd in (["system_profiler", "SPDisplaysDataType"], ["ioreg", "-rc", "AGXAccelerator", "-d", "1"]):
-        try:
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=15)
-        except (OSError, subprocess.SubprocessError, ValueError):
-            continue
-        cores = gpu_cores(out.stdout or "")
-        if cores:
-            return cores
-    return None
-
-
-def peak(chip: str, precision: str) -> float | None:
-    """Peak FLOP/s for the time estimate: a base M4's from its GPU core count (or the lower published
-    figure), every other device's from the table in train/precision.py."""
-    from pocketlm.train.precision import peak_flops
-
-    if re.search(r"Apple M4(?! (Pro|Max))", chip):
-        cores = apple_gpu_cores()
-        return (M4_TFLOPS_PER_GPU_CORE * cores if cores else M4_TFLOPS_UNKNOWN_CORES) * 1e12
-    return peak_flops(chip, precision)
-
-
 def estimate_tok_per_s(flops_per_token: float, chip: str, precision: str, device_type: str,
                        compiled: bool) -> float | None:
-    p, mfu = peak(chip, precision), TYPICAL_MFU.get((device_type, compiled))
+    p, mfu = peak_flops(chip, precision), TYPICAL_MFU.get((device_type, compiled))
     return p * mfu / flops_per_token if p and mfu else None
 
 

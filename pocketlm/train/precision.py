@@ -9,8 +9,11 @@ device, live in `pocketlm.device`, shared with inference and serving).
 from __future__ import annotations
 
 import contextlib
+import functools
 import platform
+import re
 import subprocess
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -35,8 +38,11 @@ PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "RTX 3090": {"bf16": 71.0, "fp16": 71.0, "fp32": 35.6},
     "Apple M4 Max": {"bf16": 18.4, "fp16": 18.4, "fp32": 18.4},
     "Apple M4 Pro": {"bf16": 9.2, "fp16": 9.2, "fp32": 9.2},
-    "Apple M4": {"bf16": 4.4, "fp16": 4.4, "fp32": 4.4},
 }
+# A base M4's GPU is not in the table: published figures are 3.76-4.1 TFLOP/s for the 10-core part and
+# about 3.0 for the 8-core one, so ~0.38 a core, read from the system; the lower figure when unknown.
+M4_TFLOPS_PER_GPU_CORE = 0.38
+M4_TFLOPS_UNKNOWN_CORES = 3.0
 
 
 def resolve_precision(device: torch.device, requested: str = "auto") -> str:
@@ -56,8 +62,35 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
+def gpu_cores(report: str) -> int | None:
+    """The GPU core count in `system_profiler SPDisplaysDataType` ("Total Number of Cores: 10") or
+    `ioreg` ("gpu-core-count" = 10) output; None when it says neither."""
+    m = re.search(r"Total Number of Cores:\s*(\d+)", report) or re.search(r'"gpu-core-count"\s*=\s*(\d+)', report)
+    return int(m.group(1)) if m and int(m.group(1)) > 0 else None
+
+
+@functools.cache  # system_profiler takes seconds; training asks at every log line
+def apple_gpu_cores() -> int | None:
+    """This Mac's GPU core count, or None (not a Mac, or neither tool answered in time): never raises."""
+    if sys.platform != "darwin":
+        return None
+    for cmd in (["system_profiler", "SPDisplaysDataType"], ["ioreg", "-rc", "AGXAccelerator", "-d", "1"]):
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=15)
+        except (OSError, subprocess.SubprocessError, ValueError):
+            continue
+        cores = gpu_cores(out.stdout or "")
+        if cores:
+            return cores
+    return None
+
+
 def peak_flops(name: str, precision: str) -> float | None:
-    """Peak FLOP/s of the named device for `precision`, or None ("unknown") when not in the table."""
+    """Peak FLOP/s of the named device for `precision`, or None ("unknown") when not in the table; a base
+    M4's from its GPU core count (Apple GPUs run fp16 and bf16 at the fp32 rate)."""
+    if re.search(r"Apple M4(?! (Pro|Max))", name):
+        cores = apple_gpu_cores()
+        return (M4_TFLOPS_PER_GPU_CORE * cores if cores else M4_TFLOPS_UNKNOWN_CORES) * 1e12
     # Longest key first, so "H100 PCIe" wins over "H100" and "Apple M4 Max" over "Apple M4".
     for key in sorted(PEAK_TFLOPS, key=len, reverse=True):
         if key in name:
