@@ -66,6 +66,14 @@ def test_lone_surrogate_is_a_400_naming_the_field_and_the_connection_stays_usabl
         conn.close()
 
 
+def test_surrogate_written_as_utf8_bytes_is_a_400_too(server_url):
+    """Found by the fuzz: json.loads lets a surrogate encoded as (invalid) UTF-8 bytes through as well."""
+    data = '{"messages": [{"role": "user", "content": "x\ud88b"}]}'.encode("utf-8", "surrogatepass")
+    r = httpx.post(f"{server_url}/v1/chat/completions", content=data, headers={"content-type": "application/json"},
+                   timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.content"
+
+
 def test_paired_surrogates_are_text(server_url):
     # Two escapes that make one character (U+1F600) when JSON is decoded: not refused.
     data = b'{"messages": [{"role": "user", "content": "a smile \\ud83d\\ude00"}], "max_tokens": 2}'

@@ -93,8 +93,9 @@ def allowed_hosts(bind_host: str, extra: list[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-# A JSON escape that could be half of a surrogate pair: only bodies that have one are searched.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+# A JSON escape that could be half of a surrogate pair, or a surrogate written as (invalid) UTF-8
+# bytes, which Python's json.loads lets through too: only bodies that have one are searched.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}|\xed[\xa0-\xbf]")
 
 
 def _is_text(s: str) -> bool:
