@@ -250,7 +250,8 @@ def test_slow_clients_are_cut_off_and_others_are_not(cli_server):
     answer = _closed_while_dribbling(port, b"GET /api/info HTTP/1.1\r\n", b"X-Pad: " + b"a" * 60 + b"\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 408") and b'"param": "headers"' in answer, answer[:300]
     # A body promised 60 bytes long, sent one byte every 0.2 s.
-    head = b"POST /api/inspect HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: 60\r\n\r\n"
+    head = (b"POST /api/inspect HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+            b"content-length: 60\r\n\r\n")
     answer = _closed_while_dribbling(port, head, b"x" * 60)
     assert answer.startswith(b"HTTP/1.1 408") and b'"param": "body"' in answer, answer[:300]
     assert b"x-frame-options: DENY" in answer
