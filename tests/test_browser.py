@@ -43,13 +43,16 @@ def chromium():
 
 
 def open_page(browser, url: str, width: int = 1200):
-    """The page, loaded, with its defaults read from the server; fails on any console error or 404."""
+    """The page, loaded, with its defaults read from the server; `page.errors` collects uncaught errors,
+    responses >= 400 and anything the Content-Security-Policy blocked."""
     from playwright.sync_api import expect
 
     page = browser.new_page(viewport={"width": width, "height": 800})
     page.errors = []
     page.on("pageerror", lambda e: page.errors.append(str(e)))
     page.on("response", lambda r: page.errors.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    # Anything the page's Content-Security-Policy blocks (inline style or script, another origin) is an error.
+    page.on("console", lambda m: page.errors.append(m.text) if "Content Security Policy" in m.text else None)
     page.goto(url)
     expect(page.locator("#send")).to_be_enabled(timeout=10_000)
     return page
