@@ -43,13 +43,16 @@ def chromium():
 
 
 def open_page(browser, url: str, width: int = 1200):
-    """The page, loaded, with its defaults read from the server; fails on any console error or 404."""
+    """The page, loaded, with its defaults read from the server; `page.errors` collects uncaught errors,
+    responses >= 400 and anything the Content-Security-Policy blocked."""
     from playwright.sync_api import expect
 
     page = browser.new_page(viewport={"width": width, "height": 800})
     page.errors = []
     page.on("pageerror", lambda e: page.errors.append(str(e)))
     page.on("response", lambda r: page.errors.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    # Anything the page's Content-Security-Policy blocks (inline style or script, another origin) is an error.
+    page.on("console", lambda m: page.errors.append(m.text) if "Content Security Policy" in m.text else None)
     page.goto(url)
     expect(page.locator("#send")).to_be_enabled(timeout=10_000)
     return page
@@ -137,7 +140,7 @@ def test_replay_file_cannot_run_script(server_url, tmp_path):
     """Markup inside a replay file's strings is shown as text; markup where numbers belong is refused."""
     from playwright.sync_api import expect
 
-    hostile_text = _recording(prefill={"request_id": XSS, "tokens": [{"id": 5, "token": XSS, "bytes": [1]}]},
+    hostile_text = _recording(prefill={"tokens": [{"id": 5, "token": XSS, "bytes": [1]}]},
                               token={"token": XSS, "text": XSS, "top": [{"id": 7, "token": XSS, "bytes": [60],
                                                                          "logprob": -1.0, "prob": 0.3}]})
     hostile_types = _recording(prefill={"n_tokens": XSS}, token={"bytes": [XSS], "id": XSS},
@@ -168,6 +171,8 @@ def test_replay_file_cannot_run_script(server_url, tmp_path):
     ([{"event": "exploit", "data": {}}], 'line 1: "event" must be one of'),
     (_recording(token={"prob": 7}), "line 2: token.prob: expected a probability"),
     (_recording(token={"v": 2}), "line 2: schema v2"),
+    (_recording(prefill={"request_id": "../../v1/models#x"}), "line 1: prefill.request_id: expected a request id"),
+    (_recording(prefill={"request_id": XSS}), "line 1: prefill.request_id: expected a request id"),
     (_recording()[:2], "no done or error event"),
     ([], "the file is empty"),
 ])
@@ -263,6 +268,70 @@ def test_new_chat_stops_the_running_generation(metered_server):
         assert page.locator("#log > *").count() == 0
         assert page.locator("#send").is_enabled() and not page.locator("#stop").is_enabled()
         expect(page.locator("#status")).to_have_text("")
+
+
+def test_replay_during_a_live_generation_leaves_it_alone(metered_server, tmp_path):
+    """Loading a replay while a reply streams: Stop still stops the live generation (by its own id),
+    nothing is requested at a path built from the file, and the replay is drawn once the live one ends."""
+    from playwright.sync_api import expect
+
+    with metered_server() as (url, app, permits, _), chromium() as browser:
+        page = open_page(browser, url)
+        requested = []
+        page.on("request", lambda r: requested.append(r.url))
+        permits.release(4)  # the prefill and three more tokens; then the generation waits, still running
+        page.fill("#prompt", "Tell me about rivers.")
+        page.keyboard.press("Enter")
+        live = page.locator(".msg.assistant .reply").first.locator(".tok")
+        expect(live).to_have_count(4, timeout=20_000)
+        (job,) = app.state.engine.jobs.values()
+        replay = _write(tmp_path, "other.jsonl", _recording(prefill={"request_id": "gen-FROMTHEFILE"}))
+        page.set_input_files("#replay", str(replay))
+        page.click("#stop")
+        assert job.cancel.wait(30), "Stop did not reach the live generation"
+        permits.release(10**6)
+        # The live reply ends as cancelled; then the replay is drawn as its own turn.
+        expect(page.locator(".msg.user").last).to_have_text("replay of other.jsonl", timeout=10_000)
+        expect(page.locator(".msg.assistant .reply").last.locator(".tok")).to_have_text(["hi"])
+        expect(page.locator("#status")).to_have_text("finished: length")
+        assert page.locator(".msg.assistant").count() == 2 and live.count() >= 4
+        assert not any("FROMTHEFILE" in u for u in requested), requested
+        assert f"{url}/api/inspect/{job.id}/cancel" in requested
+        assert page.locator("#send").is_enabled() and not page.locator("#stop").is_enabled()
+        assert page.errors == []
+
+
+def test_another_origin_cannot_frame_the_page(server_url):
+    """A page from another origin (another port on loopback) with an iframe of the inspector: the
+    browser refuses to show it (CSP frame-ancestors, X-Frame-Options)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    outer_html = f'<!doctype html><title>elsewhere</title><iframe src="{server_url}/"></iframe>'.encode()
+
+    class Outer(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("content-type", "text/html")
+            self.send_header("content-length", str(len(outer_html)))
+            self.end_headers()
+            self.wfile.write(outer_html)
+
+        def log_message(self, *_):
+            pass
+
+    outer = ThreadingHTTPServer(("127.0.0.1", 0), Outer)
+    threading.Thread(target=outer.serve_forever, daemon=True).start()
+    try:
+        with chromium() as browser:
+            page = browser.new_page()
+            with page.expect_console_message(lambda m: "frame-ancestors" in m.text, timeout=20_000):
+                page.goto(f"http://127.0.0.1:{outer.server_address[1]}/")
+            (frame,) = [f for f in page.frames if f is not page.main_frame]
+            assert frame.url != f"{server_url}/"  # the frame shows the browser's error page, not ours
+            assert frame.locator("#send").count() == 0 and frame.locator("#model-info").count() == 0
+    finally:
+        outer.shutdown()
 
 
 def test_narrow_window_tooltip_pins_and_spares_the_composer(chatty_server):

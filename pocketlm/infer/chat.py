@@ -35,28 +35,47 @@ def chat_prompt_ids(tok, messages: Sequence[dict]) -> list[int]:
     return ids[:-1] if messages[-1]["role"] == "assistant" else ids
 
 
-def fit_messages(tok, messages: Sequence[dict], limit: int) -> tuple[list[int], int]:
+class FitCancelled(Exception):
+    """`fit_messages` stopped because its `cancel` event was set (the server's client went away)."""
+
+
+def fit_messages(tok, messages: Sequence[dict], limit: int,
+                 cancel: threading.Event | None = None) -> tuple[list[int], int]:
     """(prompt ids, number of messages dropped): the oldest non-system messages are dropped, a user
     message with the replies after it at a time, until the prompt is at most `limit` tokens. The last
-    message is never dropped; if it cannot fit, PocketLMError says how long it is."""
+    message is never dropped; if it cannot fit, PocketLMError says how long it is.
+
+    Linear in the history: each message is tokenized once. The template gives every message its own
+    run of ids (role, content, `<|eot|>`), so the prompt's length is the sum of the kept messages'
+    lengths plus the end (`<|asst|>`, or a trailing assistant's `<|eot|>` left off), and dropping from
+    the front is a running subtraction. `cancel` is checked before each message (FitCancelled)."""
     messages = list(messages)
-    n_system = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
-    dropped = 0
-    while True:
-        ids = chat_prompt_ids(tok, messages)
-        if len(ids) <= limit:
-            return ids, dropped
-        if len(messages) - n_system <= 1:
+    if not messages:
+        chat_prompt_ids(tok, messages)  # the template's own "messages is empty" error
+    n = len(messages)
+    n_system = next((i for i, m in enumerate(messages) if m["role"] != "system"), n)
+    pieces = []
+    for i, m in enumerate(messages):
+        if cancel is not None and cancel.is_set():
+            raise FitCancelled
+        try:  # the last message with the prompt's end: chat_prompt_ids of it alone
+            pieces.append(chat_prompt_ids(tok, [m]) if i == n - 1 else format_chat_tokens(tok, [m], False))
+        except PocketLMError as e:  # the template numbers a lone message 0: say which one it is
+            raise PocketLMError(f"messages[{i}]{str(e).removeprefix('messages[0]')}") from None
+    total, start = sum(map(len, pieces)), n_system
+    while total > limit:
+        if n - start <= 1:
             with_system = " with the system prompt" if n_system else ""
-            raise PocketLMError(f"the message is {len(ids)} tokens{with_system}; the model's context leaves "
+            raise PocketLMError(f"the message is {total} tokens{with_system}; the model's context leaves "
                                 f"{limit} for it: send a shorter message"
                                 + (" or set a shorter system prompt" if n_system else ""))
         # Drop the oldest message and any replies after it, so the history still starts with a user turn.
-        cut = n_system + 1
-        while cut < len(messages) - 1 and messages[cut]["role"] == "assistant":
+        cut = start + 1
+        while cut < n - 1 and messages[cut]["role"] == "assistant":
             cut += 1
-        dropped += cut - n_system
-        del messages[n_system:cut]
+        total -= sum(len(p) for p in pieces[start:cut])
+        start = cut
+    return [i for p in pieces[:n_system] + pieces[start:] for i in p], start - n_system
 
 
 class ChatSession:

@@ -22,7 +22,7 @@ from pocketlm import __version__
 from pocketlm.serve import inspect, openai_api, run_page
 from pocketlm.serve.engine import Engine
 from pocketlm.serve.guard import Guard, GuardConfig
-from pocketlm.serve.prompt import RequestError, error_response
+from pocketlm.serve.prompt import DEFAULT_MAX_MESSAGES, RequestError, error_response
 from pocketlm.serve.tokens import TokenTable
 
 STATIC = Path(__file__).parent / "static"
@@ -31,20 +31,30 @@ log = logging.getLogger("pocketlm.serve")
 PAGE_DEFAULTS = {"max_tokens": 200, "temperature": 0.8, "top_alternatives": 8}
 
 
+class GuardedApp(FastAPI):
+    """FastAPI with the Guard (pocketlm/serve/guard.py) outside everything else, the 500 handler
+    included: every response, whichever route or middleware made it, passes through it."""
+
+    def build_middleware_stack(self):
+        return Guard(super().build_middleware_stack(), self.state.guard)
+
+
 def create_app(model: torch.nn.Module, tok, model_id: str = "pocketlm", max_active: int = 64,
-               guard: GuardConfig | None = None) -> FastAPI:
+               guard: GuardConfig | None = None, max_messages: int = DEFAULT_MAX_MESSAGES) -> FastAPI:
     """`max_active`: generations allowed at once (each holds a KV cache); more get a 429.
-    `guard`: accepted Host names and the body size limit (default: loopback names, 1 MB)."""
-    app = FastAPI(title="pocketlm", version=__version__, docs_url=None, redoc_url=None)
+    `guard`: accepted Host names and the body size limit (default: loopback names, 1 MB).
+    `max_messages`: messages allowed in one request; more get a 400."""
+    app = GuardedApp(title="pocketlm", version=__version__, docs_url=None, redoc_url=None)
+    app.state.guard = guard or GuardConfig()
     app.state.model = model.eval()
     app.state.tok = tok
     app.state.model_id = model_id
+    app.state.max_messages = max_messages
     app.state.engine = Engine(model, tok, max_active)
     app.state.tokens = TokenTable(tok)
     app.include_router(openai_api.router)
     app.include_router(inspect.router)
     app.include_router(run_page.router)  # /run: a training run (app.state.run_dir, set by `serve --run`)
-    app.add_middleware(Guard, cfg=guard or GuardConfig())
 
     @app.exception_handler(RequestError)
     async def request_error(_: Request, e: RequestError):
@@ -82,11 +92,12 @@ def create_app(model: torch.nn.Module, tok, model_id: str = "pocketlm", max_acti
                 "device": str(p.device), "dtype": str(p.dtype).removeprefix("torch."),
                 "vocab_size": tok.vocab_size, "active": len(engine.jobs), "finished": dict(engine.finished)}
 
-    @app.get("/", include_in_schema=False)
+    # HEAD as well as GET: a HEAD gets the GET's headers and no body (FileResponse sends none for it).
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
-    @app.get("/favicon.ico", include_in_schema=False)
+    @app.api_route("/favicon.ico", methods=["GET", "HEAD"], include_in_schema=False)
     async def favicon() -> FileResponse:
         return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml")
 

@@ -66,6 +66,29 @@ class Engine:
         statistics the caller will read from each step (None: none, the fastest)."""
         job.gen = generate(self.model, self.tok, prompt_ids, cfg, stats=stats, cancel=job.cancel, lock=self.lock)
 
+    async def prepare(self, job: Job, receive, fn, *args):
+        """`fn(*args)` (tokenizing, fitting the context: CPU work) in a worker thread, off the event
+        loop. If the client disconnects first, the job's cancel event is set (`fn` may watch it) and
+        ClientGone is raised at once, without waiting for the thread: the caller's `release` then
+        frees the slot. `receive` is the request's ASGI receive."""
+        loop = asyncio.get_running_loop()
+        work = loop.run_in_executor(None, lambda: fn(*args))
+
+        async def disconnected() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        gone = asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                job.cancel.set()  # no await from here to the caller's release: the slot is free at once
+                work.add_done_callback(lambda f: f.cancelled() or f.exception())  # its outcome is nobody's now
+                raise ClientGone
+            return work.result()
+        finally:
+            gone.cancel()
+
     def release(self, job: Job) -> None:
         """The request is over (answered, failed or abandoned): stop its generation, free its slot."""
         job.cancel.set()

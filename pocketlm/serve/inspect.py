@@ -11,15 +11,15 @@ import json
 import logging
 
 from fastapi import APIRouter, Request
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from starlette.concurrency import run_in_threadpool
 
 from pocketlm.infer.generate import Generation, Step
 from pocketlm.infer.config import MAX_REPEAT_PENALTY, PENALTY_RANGE, StatsRequest
 from pocketlm.infer.sampling import GenConfig
-from pocketlm.serve.engine import JobResponse
+from pocketlm.serve.engine import ClientGone, JobResponse
 from pocketlm.serve.prompt import (SEED_MAX, SEED_MIN, Message, RequestError, chat_prompt, check_max_tokens,
-                                   check_prompt_length, fitted_chat_prompt)
+                                   check_messages, check_prompt_length, fitted_chat_prompt)
 from pocketlm.serve.tokens import TokenTable, finite_logprob
 
 SCHEMA = 1
@@ -79,14 +79,15 @@ def done_event(gen: Generation, text: str) -> dict:
             "decode_ms": gen.decode_ms, "decode_tok_s": gen.decode_tok_s, "text": text}
 
 
-def _prompt(state, body: InspectRequest, context: int) -> tuple[list[int], int]:
-    """(prompt ids, messages dropped to fit). Tokenizing is CPU work: it runs in a worker thread."""
+def _prompt(state, body: InspectRequest, context: int, cancel) -> tuple[list[int], int]:
+    """(prompt ids, messages dropped to fit). Tokenizing is CPU work: it runs in a worker thread, and
+    fitting stops once `cancel` is set (the client left)."""
     if body.prompt is not None:
         prompt = state.tok.encode(body.prompt)
         check_prompt_length(len(prompt), "prompt", context)
         return prompt, 0
     if body.fit_context:
-        return fitted_chat_prompt(state.tok, body.messages, context, body.max_tokens or context)
+        return fitted_chat_prompt(state.tok, body.messages, context, body.max_tokens or context, cancel)
     return chat_prompt(state.tok, body.messages, context), 0
 
 
@@ -95,10 +96,11 @@ async def inspect(body: InspectRequest, request: Request) -> JobResponse:
     state = request.app.state
     context = state.model.cfg.block_size
     check_max_tokens(body.max_tokens, "max_tokens", context)
+    check_messages(body.messages, state.max_messages)
     engine = state.engine
     job = engine.admit()  # before any work: a 429 costs nothing
     try:
-        prompt, dropped = await run_in_threadpool(_prompt, state, body, context)
+        prompt, dropped = await engine.prepare(job, request.receive, _prompt, state, body, context, job.cancel)
         cfg = GenConfig(max_new_tokens=body.max_tokens or context, temperature=body.temperature, top_k=body.top_k,
                         top_p=body.top_p, seed=body.seed, repeat_penalty=body.repeat_penalty,
                         repeat_last_n=body.repeat_last_n, frequency_penalty=body.frequency_penalty,
@@ -106,6 +108,9 @@ async def inspect(body: InspectRequest, request: Request) -> JobResponse:
         stats = StatsRequest(top_alternatives=body.top_alternatives, logit_lens=body.logit_lens,
                              lens_top=body.lens_top, attn_entropy=body.attn_entropy)
         engine.start(job, prompt, cfg, stats)
+    except ClientGone:  # left while its prompt was prepared: nobody to answer, its slot is free
+        engine.release(job)
+        return Response(status_code=499)
     except BaseException:
         engine.release(job)
         raise

@@ -20,13 +20,13 @@ from typing import Literal
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from starlette.concurrency import run_in_threadpool
 
 from pocketlm.infer.generate import Step
 from pocketlm.infer.config import PENALTY_RANGE, StatsRequest
 from pocketlm.infer.sampling import GenConfig
 from pocketlm.serve.engine import ClientGone, JobResponse
-from pocketlm.serve.prompt import SEED_MAX, SEED_MIN, Message, chat_prompt, check_max_tokens, error_body
+from pocketlm.serve.prompt import (SEED_MAX, SEED_MIN, Message, chat_prompt, check_max_tokens, check_messages,
+                                   error_body)
 
 router = APIRouter()
 log = logging.getLogger("pocketlm.serve")
@@ -86,16 +86,20 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     max_tokens = body.max_completion_tokens or body.max_tokens
     field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     check_max_tokens(max_tokens, field, context)
+    check_messages(body.messages, state.max_messages)
     engine = state.engine
     job = engine.admit()  # before any work: a 429 costs nothing
     try:
-        prompt = await run_in_threadpool(chat_prompt, state.tok, body.messages, context)
+        prompt = await engine.prepare(job, request.receive, chat_prompt, state.tok, body.messages, context)
         cfg = GenConfig(max_new_tokens=max_tokens or context, temperature=body.temperature,
                         top_p=body.top_p, seed=body.seed, frequency_penalty=body.frequency_penalty or 0.0,
                         presence_penalty=body.presence_penalty or 0.0)
         # Per-token statistics only when the client asked for logprobs: without them decoding is fastest.
         engine.start(job, prompt, cfg, StatsRequest(top_alternatives=body.top_logprobs or 0) if body.logprobs
                      else None)
+    except ClientGone:  # left while its prompt was prepared: nobody to answer, its slot is free
+        engine.release(job)
+        return Response(status_code=499)
     except BaseException:
         engine.release(job)
         raise

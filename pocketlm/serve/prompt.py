@@ -15,6 +15,10 @@ from pocketlm import PocketLMError
 from pocketlm.infer.chat import chat_prompt_ids, fit_messages, prompt_limit
 
 
+# Messages per request: a long chat that still fits a 1024-token context has far fewer (each is at
+# least 2 tokens); more is a client's mistake or an attack, refused before any work.
+DEFAULT_MAX_MESSAGES = 1024
+
 # Seeds go to torch.Generator.manual_seed, which takes this range; outside it a seed is a 400, not a 500.
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
@@ -49,10 +53,18 @@ def chat_prompt(tok, messages: list[Message], context: int) -> list[int]:
     return ids
 
 
-def fitted_chat_prompt(tok, messages: list[Message], context: int, max_tokens: int) -> tuple[list[int], int]:
-    """(ids, dropped): the oldest turns dropped until the prompt leaves room for a reply (as in `pocketlm chat`)."""
+def check_messages(messages: list[Message] | None, limit: int) -> None:
+    if messages is not None and len(messages) > limit:
+        raise RequestError(400, f"{len(messages)} messages is more than this server takes in one request "
+                                f"({limit}, pocketlm serve --max-messages); send fewer", "messages")
+
+
+def fitted_chat_prompt(tok, messages: list[Message], context: int, max_tokens: int,
+                       cancel=None) -> tuple[list[int], int]:
+    """(ids, dropped): the oldest turns dropped until the prompt leaves room for a reply (as in `pocketlm
+    chat`). `cancel`: a threading.Event that stops the fitting (FitCancelled) once the client has left."""
     try:
-        return fit_messages(tok, [m.model_dump() for m in messages], prompt_limit(context, max_tokens))
+        return fit_messages(tok, [m.model_dump() for m in messages], prompt_limit(context, max_tokens), cancel)
     except PocketLMError as e:
         raise RequestError(400, str(e), "messages") from None
 

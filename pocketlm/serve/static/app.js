@@ -8,8 +8,13 @@ const SCHEMA = 1;
 const state = {
   messages: [], // [{role, content, el}] the chat as sent to the server; `el` is its bubble
   chat: 0, // bumped by New chat: a generation of an older chat must not touch the new one
-  requestId: null, abort: null, recording: [], context: 0, prefill: null, pinned: null,
+  // The running generation, if any: {abort, requestId (from its own stream), done (a promise)}. Only
+  // send() sets it; a replay never reads or writes it, and waits for it to end before drawing.
+  live: null,
+  recording: [], context: 0, prefill: null, pinned: null,
 };
+// What the server's request ids look like: the only ids this page ever puts in a URL.
+const REQUEST_ID = /^gen-[A-Za-z0-9_-]{1,64}$/;
 const charts = {
   ms: new LineChart($("chart-ms"), "#d9480f", { y: "ms", x: "new token (0 includes the prefill)" }),
   cache: new LineChart($("chart-cache"), "#1864ab", { y: "tokens", x: "event (0 = after the prompt)" }),
@@ -67,10 +72,12 @@ const INT = (v) => Number.isInteger(v), NUM = (v) => typeof v === "number" && Nu
 const STR = (v) => typeof v === "string", BYTE = (v) => Number.isInteger(v) && v >= 0 && v <= 255;
 const PROB = (v) => NUM(v) && v >= 0 && v <= 1;
 const oneOf = (...xs) => Object.assign((v) => xs.includes(v), { label: `one of ${xs.join(", ")}` });
+const ID = Object.assign((v) => STR(v) && REQUEST_ID.test(v),
+  { label: "a request id (gen- then up to 64 letters, digits, _ or -)" });
 const TOKEN = { id: INT, token: STR, bytes: [BYTE] };
 const ENTRY = { ...TOKEN, logprob: NUM, prob: PROB };
 const EVENTS = {
-  prefill: { v: INT, request_id: STR, n_tokens: INT, ms: NUM, cache_len: INT, cache_bytes: INT, context: INT,
+  prefill: { v: INT, request_id: ID, n_tokens: INT, ms: NUM, cache_len: INT, cache_bytes: INT, context: INT,
              "dropped?": INT, tokens: [TOKEN] },
   token: { v: INT, ...ENTRY, index: INT, text: STR, entropy: NUM, top: [ENTRY], cache_len: INT, cache_bytes: INT,
            ms: NUM, "lens?": [[{ id: INT, token: STR, prob: PROB }]], "attn_entropy?": [[NUM]],
@@ -317,7 +324,6 @@ function startReply() {
 function render(event, data, out) {
   state.recording.push({ event, data });
   if (event === "prefill") {
-    state.requestId = data.request_id;
     state.prefill = data;
     const summary = el("summary", {}, `prompt · ${data.n_tokens} tokens · prefill ${data.ms.toFixed(1)} ms`);
     const tokens = el("div", { className: "ptoks" }, ...data.tokens.map(promptSpan));
@@ -368,14 +374,16 @@ async function send(text) {
     logit_lens: $("lens").checked, attn_entropy: $("attn").checked, top_alternatives: 8,
     ...(seed === "" ? {} : { seed: +seed }),
   };
-  state.abort = new AbortController();
+  const live = { abort: new AbortController(), requestId: null };
+  live.done = new Promise((resolve) => { live.ended = resolve; });
+  state.live = live;
   setBusy(true);
   $("status").textContent = "generating…";
   let reply = "", failure = null;
   try {
     const res = await fetch("/api/inspect", {
       method: "POST", headers: { "content-type": "application/json" },
-      body: JSON.stringify(body), signal: state.abort.signal,
+      body: JSON.stringify(body), signal: live.abort.signal,
     });
     if (!res.ok) {
       const err = await res.json().catch(() => ({ error: { message: `HTTP ${res.status}` } }));
@@ -383,6 +391,7 @@ async function send(text) {
     }
     for await (const { event, data } of sseEvents(res)) {
       if (chat !== state.chat) return; // New chat was pressed: this reply belongs to nobody now
+      if (event === "prefill") live.requestId = data.request_id;
       if (event === "prefill" && data.dropped) markDropped(data.dropped);
       render(event, data, out);
       if (event === "token") reply += data.text;
@@ -391,11 +400,11 @@ async function send(text) {
     if (chat !== state.chat) return;
     failure = e.name === "AbortError" ? "stopped before the first token" : e.message;
   } finally {
-    if (chat === state.chat) {
-      state.requestId = null;
-      state.abort = null;
+    if (state.live === live) {
+      state.live = null;
       setBusy(false);
     }
+    live.ended(); // a replay waiting for this generation may draw now
   }
   if (failure !== null || !out.steps.length) {
     // Never kept: the next turn must not carry a message the model never answered.
@@ -432,6 +441,11 @@ $("replay").addEventListener("change", async (ev) => {
     $("status").textContent = `replay refused: ${e.message}`;
     return;
   }
+  // A replay never mixes with a running generation (its stats, charts, Stop): it waits for it to end.
+  while (state.live) {
+    $("status").textContent = `replay of ${file.name} waits for the running generation (Stop ends it)`;
+    await state.live.done;
+  }
   addMessage("user", `replay of ${file.name}`);
   const out = startReply();
   try {
@@ -458,16 +472,21 @@ $("prompt").addEventListener("keydown", (ev) => {
 $("stop").addEventListener("click", () => {
   // Ask the server to stop (the stream then ends with finish_reason "cancelled"); before the first
   // event there is no id yet, so drop the connection instead, which stops it too.
-  if (state.requestId) fetch(`/api/inspect/${state.requestId}/cancel`, { method: "POST" });
-  else state.abort?.abort();
+  // Only the live stream's own id is used, never one from a replay file.
+  const live = state.live;
+  if (!live) return;
+  if (live.requestId && REQUEST_ID.test(live.requestId)) {
+    fetch(`/api/inspect/${encodeURIComponent(live.requestId)}/cancel`, { method: "POST" });
+  } else {
+    live.abort.abort();
+  }
 });
 $("reset").addEventListener("click", () => {
   // A running generation is stopped (closing its stream cancels it on the server) and forgotten.
-  state.abort?.abort();
+  state.live?.abort.abort();
   state.chat += 1;
   state.messages = [];
-  state.requestId = null;
-  state.abort = null;
+  state.live = null;
   unpin();
   setBusy(false);
   $("log").replaceChildren();
