@@ -113,6 +113,11 @@ def record(args, row: dict[str, Any]) -> None:
     print(json.dumps(row), flush=True)
 
 
+def started(cfg: TrainConfig) -> bool:
+    """Whether the run has a checkpoint to resume from (a rerun of the script goes on where it stopped)."""
+    return any((Path(cfg.runs_dir) / cfg.name / phase / "last").exists() for phase in ("pretrain", "sft"))
+
+
 def run_chat(args, base: TrainConfig, model_over: dict[str, Any]) -> None:
     from pocketlm.train.run import train
 
@@ -125,9 +130,9 @@ def run_chat(args, base: TrainConfig, model_over: dict[str, Any]) -> None:
         cfg = dataclasses.replace(base, name=name, **over)
         t0 = time.perf_counter()
         if pipeline == "sft":
-            best = train(cfg, model_over, "sft", resume=True, init=str(recipe_pre))
+            best = train(cfg, model_over, "sft", resume=started(cfg), init=str(recipe_pre))
         else:
-            best = train(cfg, model_over, pipeline, resume=True)
+            best = train(cfg, model_over, pipeline, resume=started(cfg))
         train_s = time.perf_counter() - t0
         meta = json.loads((best / INFO_FILE).read_text()).get("meta", {})
         decodings = args.decodings if name == "recipe" and "decoding" in args.parts else ["default"]
