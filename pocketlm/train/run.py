@@ -192,10 +192,12 @@ def train(cfg: TrainConfig, model_overrides: dict[str, Any] | None = None, pipel
     phases = PIPELINES[pipeline]
     check_config(cfg)
     run_dir = Path(cfg.runs_dir) / cfg.name
+    dist = ddp.init_from_env(pick_device(cfg.device).type)
+    for name in phases:  # before anything depends on them: a folder that some nodes lack stops every node
+        ddp.same_on_every_rank(run_dir / name / "last", dist)
     if resume and not any((run_dir / name / "last").exists() for name in phases):
         raise PocketLMError(f"--resume: nothing to resume in {run_dir} (no {' or '.join(f'{n}/last' for n in phases)}"
                             "); to start this run, give the same command without --resume")
-    dist = ddp.init_from_env(pick_device(cfg.device).type)
     device = ddp.device_for(pick_device(cfg.device), dist)
     log = tqdm.write if dist.rank == 0 else (lambda _msg: None)
     limit_mps_memory(device, log)
@@ -219,7 +221,6 @@ def train(cfg: TrainConfig, model_overrides: dict[str, Any] | None = None, pipel
         best = phase_dir / "best"
         start = None if name == "pretrain" else sft_start(cfg, init)
         state = None
-        ddp.same_on_every_rank(phase_dir / "last", dist)
         if resume and (phase_dir / "last").exists() and (why := stale_start(phase_dir, start)):
             if "pretrain" not in phases:
                 raise PocketLMError(f"{phase_dir} is stale: {why}; run the pipeline with --resume (it redoes SFT "
