@@ -269,6 +269,29 @@ def _live_server(app) -> Iterator[str]:
         thread.join(timeout=10)
 
 
+class BlockingTokenizer:
+    """The real tokenizer, except that encoding text containing "BLOCK" waits for `release`."""
+
+    def __init__(self, tok) -> None:
+        self._tok, self.entered, self.release = tok, threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def encode(self, text: str, *args, **kwargs):
+        if "BLOCK" in text:
+            self.entered.set()
+            assert self.release.wait(30), "the test never released the tokenizer"
+        return self._tok.encode(text, *args, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def blocking_tokenizer():
+    """`blocking_tokenizer(tok)`: `tok`, except that encoding text with "BLOCK" in it waits for the
+    test's `.release` (`.entered` is set when it starts waiting)."""
+    return BlockingTokenizer
+
+
 @pytest.fixture(scope="session")
 def live_server():
     """`with live_server(app) as url:` runs `app` under uvicorn for the block."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import random
 import socket
-import threading
 
 import httpx
 import pytest
@@ -112,26 +111,11 @@ def test_too_many_messages_is_a_400_naming_the_limit(server_url, tiny_model, liv
         assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
 
 
-class BlockingTokenizer:
-    """The real tokenizer, except that encoding text containing "BLOCK" waits for `release`."""
-
-    def __init__(self, tok) -> None:
-        self._tok, self.entered, self.release = tok, threading.Event(), threading.Event()
-
-    def __getattr__(self, name):
-        return getattr(self._tok, name)
-
-    def encode(self, text: str, *args, **kwargs):
-        if "BLOCK" in text:
-            self.entered.set()
-            assert self.release.wait(30), "the test never released the tokenizer"
-        return self._tok.encode(text, *args, **kwargs)
-
-
 @pytest.mark.parametrize("path", ["/api/inspect", "/v1/chat/completions"])
-def test_client_that_leaves_while_its_chat_is_fitted_frees_its_slot(tiny_model, live_server, wait_idle, path):
+def test_client_that_leaves_while_its_chat_is_fitted_frees_its_slot(tiny_model, live_server, wait_idle, path,
+                                                                   blocking_tokenizer):
     model, tok = tiny_model
-    blocking = BlockingTokenizer(tok)
+    blocking = blocking_tokenizer(tok)
     app = create_app(model, blocking, max_active=1)
     messages = [{"role": "user", "content": "BLOCK"}] + [{"role": "user", "content": f"hi {i}"} for i in range(50)]
     body = {"messages": messages, "max_tokens": 4, **({"fit_context": True} if path == "/api/inspect" else {})}

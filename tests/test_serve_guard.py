@@ -98,25 +98,9 @@ def test_body_over_the_limit_is_413_naming_the_limit(tiny_model, live_server):
         assert httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=30).status_code == 200
 
 
-class BlockingTokenizer:
-    """The real tokenizer, except that encoding text containing "BLOCK" waits for `release`."""
-
-    def __init__(self, tok) -> None:
-        self._tok, self.entered, self.release = tok, threading.Event(), threading.Event()
-
-    def __getattr__(self, name):
-        return getattr(self._tok, name)
-
-    def encode(self, text: str, *args, **kwargs):
-        if "BLOCK" in text:
-            self.entered.set()
-            assert self.release.wait(30), "the test never released the tokenizer"
-        return self._tok.encode(text, *args, **kwargs)
-
-
-def test_tokenizing_does_not_block_other_requests(tiny_model, live_server):
+def test_tokenizing_does_not_block_other_requests(tiny_model, live_server, blocking_tokenizer):
     model, tok = tiny_model
-    blocking = BlockingTokenizer(tok)
+    blocking = blocking_tokenizer(tok)
     with live_server(create_app(model, blocking)) as url:
         result = {}
         body = {"messages": [{"role": "user", "content": "BLOCK"}], "max_tokens": 2}
