@@ -17,7 +17,6 @@ from __future__ import annotations
 import inspect
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -38,7 +37,7 @@ from pocketlm.model import GPT, GPTConfig
 from pocketlm.model.attention import sdpa_self_check
 from pocketlm.train.config import TrainConfig
 from pocketlm.train.ddp import DistInfo
-from pocketlm.train.loop import train_step
+from pocketlm.train.loop import peak_rss_bytes, status_kib, train_step
 from pocketlm.train.muon import build_optimizer
 from pocketlm.train.precision import Precision, resolve_precision
 from pocketlm.train.run import model_config
@@ -127,18 +126,6 @@ def _free(device: torch.device) -> None:
         torch.mps.empty_cache()
 
 
-def _status_kib(field: str) -> int | None:
-    """A `VmRSS`/`VmHWM` line of /proc/self/status in KiB (Linux), else None."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 def _start_peak_rss() -> int:
     """Restart the peak-RSS count from now where the OS allows it, and return the RSS now. On Linux
     writing 5 to clear_refs resets VmHWM, so an earlier, larger peak (the self-check, imports) cannot
@@ -146,20 +133,12 @@ def _start_peak_rss() -> int:
     try:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
             f.write("5")
-        now = _status_kib("VmRSS")
+        now = status_kib("VmRSS")
         if now is not None:
             return now * 1024
     except OSError:
         pass
-    return _peak_rss_bytes()
-
-
-def _peak_rss_bytes() -> int:
-    hwm = _status_kib("VmHWM")
-    if hwm is not None:
-        return hwm * 1024
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
+    return peak_rss_bytes()
 
 
 def random_batch(vocab: int, rows: int, seq_len: int, seed: int) -> dict[str, torch.Tensor]:
@@ -202,7 +181,7 @@ def time_training(model: GPT, cfg: TrainConfig, device: torch.device, precision:
     elif device.type == "cuda":
         out["peak"] = {"what": "torch.cuda.max_memory_allocated", "bytes": int(torch.cuda.max_memory_allocated(device))}
     else:
-        peak = _peak_rss_bytes()
+        peak = peak_rss_bytes()
         out["peak"] = {"what": "growth of the process's peak RSS from before the model was built",
                        "bytes": peak - rss_before, "process_peak_rss_bytes": peak}
     out["planned"] = planner_prediction(mcfg, cfg.micro_batch, cfg.seq_len, precision, device.type, cfg.checkpointing)

@@ -68,15 +68,36 @@ class RunContext:
             self.tensorboard.add(rec)
 
 
+def status_kib(field: str) -> int | None:
+    """A `VmRSS`/`VmHWM` line of /proc/self/status in KiB (Linux), else None."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident size: VmHWM on Linux (which `pocketlm doctor` can reset), else
+    ru_maxrss (bytes on macOS)."""
+    hwm = status_kib("VmHWM")
+    if hwm is not None:
+        return hwm * 1024
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
 def memory_gib(device: torch.device) -> float:
     """Memory the run holds, in GiB: CUDA's peak allocated tensors, what the MPS driver holds, or the
-    process's peak resident size on a CPU (KiB on Linux, bytes on macOS)."""
+    process's peak resident size on a CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     if device.type == "mps":
         return torch.mps.driver_allocated_memory() / 2**30
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (2**30 if sys.platform == "darwin" else 2**20)
+    return peak_rss_bytes() / 2**30
 
 
 def micro_batches(data: Any, step: int, micro_batch: int, accum: int, rank: int = 0, world: int = 1) -> list[dict]:
@@ -217,6 +238,7 @@ def run_phase(run: RunContext, phase: Phase, model: nn.Module, tokenizer_path: P
     bar = tqdm(total=phase.steps, initial=step, desc=phase.name, disable=dist.rank != 0, dynamic_ncols=True)
     meter = Meter(device)
     snap_every = snapshot_interval(cfg.snapshot_every, cfg.snapshot_max, phase.steps, cfg.eval_every)
+    eot = eot_weighting(cfg, phase.name, run.tok)
     if cfg.tensorboard and dist.rank == 0:
         # purge_step: a resumed phase hides the events a killed run wrote past its checkpoint.
         run.tensorboard = metrics.TensorBoard(run.run_dir, phase.name, purge_step=step + 1 if state else None)
@@ -248,7 +270,7 @@ def run_phase(run: RunContext, phase: Phase, model: nn.Module, tokenizer_path: P
             set_lr(opt, lr)
             batches = prefetch.get(step)
             loss_share, grad_norm = train_step(train_model, opt, batches, prec, cfg.grad_clip, device, dist,
-                                               cfg.z_loss, eot_weighting(cfg, phase.name, run.tok))
+                                               cfg.z_loss, eot)
             # fp16 reads every step's grad norm to count the skipped steps in a row (the one wait for the
             # device a step on that path; the optimizers skip on the device); bf16/fp32 never wait here:
             # their non-finite steps, skipped on the device, are counted there and stop the run at the
